@@ -1,0 +1,262 @@
+"""Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
+
+    python bench.py                      # all parts; ~5 min on 2 free CPU cores
+    python bench.py --json bench.json --md bench.md
+    python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
+
+1. Loop overhead: throughput of common.train_loop (CE loss, on-device uint8 batches from common.batches,
+   per-batch normalisation, loss bookkeeping) over the raw model step (forward, backward, optimizer step on
+   batches already normalised in memory), same resnet_tiny, 28 px, batch 128, same steps; best of three
+   interleaved passes each. Goal: ratio >= 0.9.
+2. Cost of FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data, batch 128,
+   with each script's own flags and code path (common.UnlearningRun, train_unlearning): seconds per step
+   over --steps steady-state steps (one warm-up step first, not timed), the per-epoch time EXTRAPOLATED from
+   them to a 45,000-image Dr, peak memory and trainable parameters. Each configuration runs in its own process
+   so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the scripts'
+   sidecars) is its own.
+3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
+   channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
+   class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
+   save) on ResNet-50.
+
+Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+import finetune
+import lora
+import loraprune
+
+BATCH_SIZE = finetune.BATCH_SIZE  # 128, the PruneLoRA paper's
+DR_IMAGES = 45_000  # CIFAR-10 retain set of class-wise forgetting (50,000 - 5,000 cats): one epoch
+FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
+ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
+LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
+METHODS = {  # name -> the script's pruning/LoRA defaults (finetune.run's keyword arguments)
+    "finetune": dict(),
+    "lora": dict(lora=lora.LORA),
+    "loraprune": dict(prune_method=loraprune.PRUNE, sparsity=loraprune.SPARSITY, lora=loraprune.LORA),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_images(n: int, info: common.DatasetInfo, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, info.channels, info.size, info.size), dtype=torch.uint8, generator=gen)
+    return x.to(device), torch.randint(0, info.num_classes, (n,), generator=gen).to(device)
+
+
+def loop_overhead(device: torch.device, steps: int) -> dict:
+    """Ratio of train_loop's throughput to the raw step's, for resnet_tiny on 28 px batches of 128."""
+    info = common.DATASETS["fashion-mnist"]
+    x, y = random_images(steps * BATCH_SIZE, info, device)
+    common.seed_everything(0)
+    model = common.prepare_model(common.build_model("resnet_tiny", info), device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    normalised = [(common.normalize(xb, info), yb) for xb, yb in common.batches(x, y, BATCH_SIZE)]
+
+    def raw_pass():
+        model.train()
+        for xb, yb in normalised:
+            with common.autocast(device):
+                loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(device)
+
+    def loop_pass():
+        common.train_loop(model, optimizer, 1, lambda epoch: common.batches(x, y, BATCH_SIZE),
+                          common.ce_loss(info, None, False), device=device, desc="bench")
+
+    raw_pass(), loop_pass()  # warm-up
+    timings = {"raw": [], "loop": []}
+    for _ in range(3):  # interleaved, best of three: robust to background load
+        for name, fn in (("raw", raw_pass), ("loop", loop_pass)):
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    raw, loop = min(timings["raw"]), min(timings["loop"])
+    return dict(steps=steps, raw_img_s=round(steps * BATCH_SIZE / raw), loop_img_s=round(steps * BATCH_SIZE / loop),
+                ratio=round(raw / loop, 3))
+
+
+def class_forgetting_data(device: torch.device) -> common.Data:
+    """CIFAR-10-sized random data (50,000 train / 10,000 test, 32 px) cut as class-wise forgetting of class 3
+    with no validation split (the PruneLoRA paper's setting): Dr is about 45,000 images."""
+    info = common.DATASETS["cifar10"]
+    x_train, y_train = random_images(50_000, info, device, seed=0)
+    x_test, y_test = random_images(10_000, info, device, seed=1)
+    train = torch.arange(len(y_train), device=device)
+    forget, retain = train[y_train == FORGET_CLASS], train[y_train != FORGET_CLASS]
+    spec = dict(dataset="cifar10", val_fraction=0.0, split_seed=0, train_subset=0, forget_class=FORGET_CLASS,
+                forget_random=0, forget_seed=None, forget_count=len(forget), forget_hash=common.index_hash(forget),
+                note="random images (bench.py)")
+    return common.Data("cifar10", info, x_train, y_train, x_test, y_test, train, train[:0], forget, retain,
+                       torch.nonzero(y_test != FORGET_CLASS).flatten(), torch.nonzero(y_test == FORGET_CLASS).flatten(),
+                       spec)
+
+
+def start_run(arch: str, method: str, data: common.Data, device: torch.device, out: Path) -> common.UnlearningRun:
+    """What the method's script does up to its training loop, on a randomly initialised model: the script's
+    own flags and defaults (finetune.run's parser), pruning and LoRA by common.adapt_model."""
+    parser = common.unlearn_parser(finetune.__doc__)
+    common.add_optim_args(parser, epochs=finetune.EPOCHS, lr=finetune.LR, batch_size=BATCH_SIZE,
+                          optimizer=finetune.OPTIMIZER, weight_decay=finetune.WEIGHT_DECAY, augment=finetune.AUGMENT)
+    common.add_adapt_args(parser, **METHODS[method])
+    args = parser.parse_args(["--model", "random-init", "--forget-class", str(FORGET_CLASS), "--out", str(out)])
+    common.seed_everything(args.seed)
+    model = common.prepare_model(common.build_model(arch, data.info), device)
+    model, pruned_sparsity = common.adapt_model(model, common.ARCHS[arch].family, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    return common.UnlearningRun(args, method, model, dict(arch=arch), data, device, out, gen, pruned_sparsity)
+
+
+def method_cost(arch: str, method: str, device: torch.device, steps: int, fp32: bool = False) -> dict:
+    """Steady-state training steps of one PruneLoRA method: one warm-up step, then `steps` timed ones."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = start_run(arch, method, class_forgetting_data(device), device, Path(tmp) / "bench.safetensors")
+        run.args.epochs = 2  # "epoch" 1 = the warm-up step (allocation, kernel selection), "epoch" 2 = timed steps
+        retain_pass = run.batches("retain")
+        result = common.train_unlearning(run, lambda epoch: itertools.islice(retain_pass(epoch), 1 if epoch == 0
+                                                                             else steps), run.ce_loss(run.args.augment))
+    step_s = (result.history[1]["time_s"] - result.history[0]["time_s"]) / steps
+    trainable, total = common.count_params(run.model)
+    return dict(arch=arch, method=method, device=str(device), precision=precision(device, fp32), timed_steps=steps,
+                step_s=round(step_s, 4), epoch_s_extrapolated=round(step_s * DR_IMAGES / BATCH_SIZE, 1),
+                peak_mem_mb=round(result.peak_mem_mb), trainable_params=trainable, total_params=total,
+                trainable_pct=round(100 * trainable / total, 2))
+
+
+def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
+    """One whole PruneLoRA class-unlearning run, timed from the model build to the saved checkpoint."""
+    data = class_forgetting_data(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        sync(device)
+        start = time.perf_counter()
+        run = start_run(arch, "loraprune", data, device, Path(tmp) / "loraprune.safetensors")
+        result = common.train_unlearning(run, run.batches("retain"), run.ce_loss(run.args.augment))
+        common.finish_run(run, result)
+        sync(device)
+        total_s = time.perf_counter() - start
+    return dict(arch=arch, method="loraprune", device=str(device), precision=precision(device, False),
+                epochs=run.args.epochs, retain_images=len(data.retain), train_loop_s=round(result.wall_time_s, 1),
+                end_to_end_s=round(total_s, 1), peak_mem_mb=round(result.peak_mem_mb),
+                note="random 32 px images; excludes imports and loading a checkpoint from disk")
+
+
+def precision(device: torch.device, fp32: bool) -> str:
+    """What the training steps ran in: common's CUDA defaults, or fp32 (always on CPU)."""
+    if device.type == "cuda" and not fp32:
+        return "bf16 autocast, channels_last"
+    return "fp32, contiguous" if device.type == "cuda" else "fp32"
+
+
+def switch_off_cuda_speedups() -> None:
+    """fp32 baseline: no bf16 autocast, contiguous model and inputs (common's CUDA defaults undone here only)."""
+    normalize = common.normalize
+    common.autocast = lambda device: contextlib.nullcontext()
+    common.prepare_model = lambda model, device: model.to(device)
+    common.normalize = lambda *args, **kwargs: normalize(*args, **kwargs).contiguous()
+
+
+def markdown(figures: dict) -> str:
+    lo = figures["loop_overhead"]
+    lines = [f"## bench.py on {figures['device']}", "",
+             f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw step "
+             f"{lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
+             "(goal >= 0.9).", "",
+             f"Per-method cost, 32 px, batch {BATCH_SIZE}; epoch time EXTRAPOLATED from the timed steps to "
+             f"{DR_IMAGES:,} images:", "",
+             "| arch | method | precision | timed steps | s/step | epoch s (extrapolated) | peak MB | trainable | "
+             "trainable % |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['arch']} | {m['method']} | {m['precision']} | {m['timed_steps']} | {m['step_s']} | "
+              f"{m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | {m['trainable_pct']} |"
+              for m in figures["methods"]]
+    e2e = figures.get("end_to_end_loraprune")
+    lines += ["", "End-to-end PruneLoRA class unlearning: " + (
+        f"{e2e['end_to_end_s']} s ({e2e['train_loop_s']} s in the training loop), {e2e['epochs']} epochs over "
+        f"{e2e['retain_images']:,} images, {e2e['arch']}, {e2e['precision']}, peak {e2e['peak_mem_mb']} MB; "
+        f"{e2e['note']}." if e2e else figures["end_to_end_skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="tiny step counts: checks that it runs")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per method after one warm-up step (default: 3 on CPU, 20 on CUDA, 1 quick)")
+    parser.add_argument("--archs", default=ARCHS, help="comma-separated architectures (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="write all figures as JSON here")
+    parser.add_argument("--md", default=None, help="write the markdown summary here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: ARCH:METHOD[:fp32] in a subprocess
+    args = parser.parse_args()
+    device = common.pick_device(args.device)
+    steps = args.steps or (1 if args.quick else 20 if device.type == "cuda" else 3)
+    if steps < 1:
+        raise common.UserError(f"--steps must be >= 1, got {steps}")
+    archs = args.archs.split(",")
+    unknown = [a for a in archs if a not in common.ARCHS or common.ARCHS[a].input_size]
+    if unknown:
+        raise common.UserError(f"--archs {unknown}: choose from the small-image architectures "
+                               f"{', '.join(a for a, s in common.ARCHS.items() if not s.input_size)}")
+    if args.one:
+        arch, method, *fp32 = args.one.split(":")
+        if fp32:
+            switch_off_cuda_speedups()
+        print(json.dumps(method_cost(arch, method, device, steps, fp32=bool(fp32))))
+        return
+
+    figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} threads")
+    figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
+    print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
+
+    variants = [""] + ([":fp32"] if device.type == "cuda" else [])
+    figures["methods"] = []
+    for arch, method, variant in itertools.product(archs, METHODS, variants):
+        proc = subprocess.run([sys.executable, __file__, "--one", f"{arch}:{method}{variant}", "--device", str(device),
+                               "--steps", str(steps)], capture_output=True, text=True)
+        if proc.returncode:
+            raise common.UserError(f"{arch} {method}{variant} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        figures["methods"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(dict(part="method_cost", **figures["methods"][-1])), flush=True)
+
+    if device.type == "cuda" and not args.quick:
+        figures["end_to_end_loraprune"] = end_to_end_loraprune(device)
+        print(json.dumps(dict(part="end_to_end", **figures["end_to_end_loraprune"])), flush=True)
+    else:
+        figures["end_to_end_skipped"] = ("skipped: " + ("--quick" if device.type == "cuda" else
+                                         "needs CUDA (5 ResNet-50 epochs over 45,000 images take hours on CPU)"))
+        print(f"end-to-end PruneLoRA: {figures['end_to_end_skipped']}; fp32 vs bf16/channels_last: "
+              f"{'measured above' if device.type == 'cuda' else 'skipped: needs CUDA'}")
+
+    summary = markdown(figures)
+    print(summary)
+    for path, text in ((args.json, json.dumps(figures, indent=1)), (args.md, summary)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            common._atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+            print(f"wrote {path}")
+    print(f"bench on {figures['device']}: loop/raw ratio {figures['loop_overhead']['ratio']}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

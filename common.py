@@ -1,0 +1,1062 @@
+"""Shared machinery for every stage: data and forget splits, model builders, pruning and LoRA helpers,
+the training loop, inference, checkpoint I/O and seeding. A method's own objective lives in its script."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import prune
+from tqdm import tqdm
+
+FORMAT = "unlearn-toolkit/1"  # sidecar format tag; bump when the sidecar layout changes
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+class UserError(Exception):
+    """Bad input or a failed run that the user can fix: reported as one line, exit status 2."""
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main(), turning a UserError into a one-line message and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets: each split lives as one uint8 tensor on the device; augmentation runs on whole batches there.
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]  # one normalisation per dataset, used by every stage
+    std: tuple[float, ...]
+    flip: bool  # horizontal flip suits natural images and clothing, not digits
+    crop_pad: int  # random-crop padding in pixels
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True, 4),
+    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True, 4),
+    "svhn": DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False, 4),
+    "fashion-mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), True, 2),
+}
+
+
+def _torchvision_split(name: str, root: Path, train: bool, download: bool):
+    from torchvision import datasets
+    if name == "cifar10":
+        ds = datasets.CIFAR10(root, train=train, download=download)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
+    if name == "cifar100":
+        ds = datasets.CIFAR100(root, train=train, download=download)
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
+    if name == "svhn":
+        ds = datasets.SVHN(root, split="train" if train else "test", download=download)
+        return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+    ds = datasets.FashionMNIST(root, train=train, download=download)
+    return ds.data.unsqueeze(1), ds.targets.long()
+
+
+def _copy_debian_fashion_mnist(root: Path) -> None:
+    """Unpack the Debian package's Fashion-MNIST files into torchvision's raw/ layout under root."""
+    raw = root / "FashionMNIST" / "raw"
+    if not DEBIAN_FASHION_MNIST.is_dir() or (raw / "t10k-labels-idx1-ubyte").exists():
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        tmp = raw / (gz.stem + ".tmp")
+        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, raw / gz.stem)
+
+
+def load_dataset(name: str, data_dir: str | Path, download: bool = False):
+    """Return (info, (x_train, y_train), (x_test, y_test)) as CPU tensors: uint8 NCHW images, int64 labels."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    root = Path(data_dir)
+    if name == "fashion-mnist":
+        _copy_debian_fashion_mnist(root)
+    try:
+        train = _torchvision_split(name, root, True, download)
+        test = _torchvision_split(name, root, False, download)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError for missing or unreachable data
+        hint = ("`apt-get install dataset-fashion-mnist` or " if name == "fashion-mnist" else "")
+        raise UserError(f"{name} not found under {root} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                        f"get it with {hint}--download on a machine online, or copy torchvision's files there") from None
+    return DATASETS[name], train, test
+
+
+@dataclass
+class Data:
+    """A dataset on the device plus its splits, each an index tensor over the same in-memory images.
+
+    train/val are carved from the official training set; forget/retain partition train; test_retain and
+    test_forget partition the official test set (test_forget is empty for random-sample forgetting)."""
+    name: str
+    info: DatasetInfo
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    train: torch.Tensor
+    val: torch.Tensor
+    forget: torch.Tensor
+    retain: torch.Tensor
+    test_retain: torch.Tensor
+    test_forget: torch.Tensor
+    spec: dict  # what rebuilds exactly these splits (recorded in every sidecar)
+
+    def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of a named split: train, val, forget, retain, test, test_retain, test_forget."""
+        if split == "test":
+            return self.x_test, self.y_test
+        idx = getattr(self, split)
+        if split.startswith("test_"):
+            return self.x_test[idx], self.y_test[idx]
+        return self.x_train[idx], self.y_train[idx]
+
+    @property
+    def forget_class(self) -> int | None:
+        return self.spec["forget_class"]
+
+    @property
+    def forget_hash(self) -> str:
+        return self.spec["forget_hash"]
+
+
+def index_hash(indices: torch.Tensor) -> str:
+    """Stable short hash of a set of indices: two runs with the same hash forget the same images."""
+    return hashlib.sha256(np.sort(indices.cpu().numpy()).astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+def make_data(dataset: str, data_dir: str | Path, device: torch.device | str = "cpu", *, val_fraction: float = 0.1,
+              split_seed: int = 0, train_subset: int = 0, forget_class: int | None = None,
+              forget_random: int = 0, forget_seed: int = 0, download: bool = False) -> Data:
+    """Load a dataset onto the device and cut it into train/val/forget/retain/test splits.
+
+    The validation split holds out val_fraction of each class (seed split_seed); train_subset > 0 keeps a
+    random subset of the remaining training images (same seed). Forgetting is class-wise (forget_class) or
+    random-sample (forget_random images drawn with forget_seed); with neither, forget is empty."""
+    info, (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir, download)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if forget_class is not None and forget_random:
+        raise UserError("give either --forget-class or --forget-random, not both")
+    if forget_class is not None and not 0 <= forget_class < info.num_classes:
+        raise UserError(f"--forget-class {forget_class} out of range: {dataset} has classes 0..{info.num_classes - 1}")
+
+    split_gen = torch.Generator().manual_seed(split_seed)
+    val_parts, train_parts = [], []
+    for c in range(info.num_classes):
+        idx = torch.nonzero(y_train == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=split_gen)]
+        n_val = int(round(val_fraction * len(idx)))
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    val = torch.cat(val_parts).sort().values
+    train = torch.cat(train_parts).sort().values
+    if train_subset:
+        if not 0 < train_subset <= len(train):
+            raise UserError(f"--train-subset {train_subset} must be in 1..{len(train)}")
+        train = train[torch.randperm(len(train), generator=split_gen)[:train_subset]].sort().values
+
+    if forget_class is not None:
+        forget = train[y_train[train] == forget_class]
+        test_forget_mask = y_test == forget_class
+    elif forget_random:
+        if not 0 < forget_random < len(train):
+            raise UserError(f"--forget-random {forget_random} must be in 1..{len(train) - 1} "
+                            f"(the training split has {len(train)} images)")
+        forget_gen = torch.Generator().manual_seed(forget_seed)  # separate from the split seed on purpose
+        forget = train[torch.randperm(len(train), generator=forget_gen)[:forget_random]].sort().values
+        test_forget_mask = torch.zeros_like(y_test, dtype=torch.bool)
+    else:
+        forget = train[:0]
+        test_forget_mask = torch.zeros_like(y_test, dtype=torch.bool)
+    retain = train[~torch.isin(train, forget)]
+
+    spec = dict(dataset=dataset, val_fraction=val_fraction, split_seed=split_seed, train_subset=train_subset,
+                forget_class=forget_class, forget_random=forget_random,
+                forget_seed=forget_seed if forget_random else None,
+                forget_count=len(forget), forget_hash=index_hash(forget) if len(forget) else None)
+    device = torch.device(device)
+    return Data(dataset, info, x_train.to(device), y_train.to(device), x_test.to(device), y_test.to(device),
+                *(t.to(device) for t in (train, val, forget, retain,
+                                          torch.nonzero(~test_forget_mask).flatten(),
+                                          torch.nonzero(test_forget_mask).flatten())),
+                spec=spec)
+
+
+def data_from_spec(spec: dict, data_dir: str | Path, device: torch.device | str) -> Data:
+    """Rebuild the exact splits recorded in a sidecar's "data" entry."""
+    return make_data(spec["dataset"], data_dir, device, val_fraction=spec["val_fraction"],
+                     split_seed=spec["split_seed"], train_subset=spec["train_subset"],
+                     forget_class=spec["forget_class"], forget_random=spec["forget_random"],
+                     forget_seed=spec["forget_seed"] or 0)
+
+
+def augment(x: torch.Tensor, info: DatasetInfo, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding and (where the dataset allows) horizontal flip, on the whole batch."""
+    n, _, h, w = x.shape
+    pad = info.crop_pad
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                   torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    if info.flip:
+        flip = torch.rand(n, device=x.device, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def normalize(x: torch.Tensor, info: DatasetInfo, input_size: int | None = None) -> torch.Tensor:
+    """uint8 images -> normalised float, resized on the device when the model wants another input size."""
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    x = (x.float() / 255 - mean) / std
+    if input_size and input_size != x.shape[-1]:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+            gen: torch.Generator | None = None, drop_last: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Index-slice batches of (uint8 images, labels) from tensors already on the device."""
+    order = torch.randperm(len(x), device=x.device, generator=gen) if shuffle else torch.arange(len(x), device=x.device)
+    stop = len(x) - batch_size + 1 if drop_last else len(x)
+    for start in range(0, max(stop, 0), batch_size):
+        idx = order[start:start + batch_size]
+        yield x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: timm architectures, CIFAR-style stems for small images.
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str  # "resnet" or "vit": decides which layers are pruned and which get LoRA
+    input_size: int | None  # None: the dataset's own size; else images are resized on the device
+    help: str
+
+
+ARCHS = {
+    "resnet_tiny": ArchSpec("resnet", None, "CPU-sized ResNet-10 (widths 16-128, 0.31M params) for demos and tests"),
+    "resnet18": ArchSpec("resnet", None, "CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), Unlearn-Sparse"),
+    "resnet50": ArchSpec("resnet", None, "CIFAR ResNet-50 (3x3 stride-1 stem, no max-pool), PruneLoRA paper"),
+    "vit_tiny": ArchSpec("vit", None, "CPU-sized ViT (patch 4, width 96, depth 4, 3 heads, 0.45M params)"),
+    "vit_small": ArchSpec("vit", None, "ViT-S/4 for small images (width 384, depth 12, 6 heads), PruneLoRA paper"),
+    "vit_base": ArchSpec("vit", 224, "ImageNet-pretrained ViT-B/16 at 224 px (needs --pretrained-weights offline)"),
+}
+VIT_BASE_HUB = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
+
+def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
+    model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _small_vit(info: DatasetInfo, num_classes: int, width: int, depth: int, heads: int) -> nn.Module:
+    from timm.layers import build_sincos2d_pos_embed
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=info.size, patch_size=4, in_chans=info.channels, num_classes=num_classes,
+                              embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
+                              class_token=False, global_pool="avg")
+    grid = model.patch_embed.grid_size
+    model.pos_embed.data.copy_(build_sincos2d_pos_embed(list(grid), width).unsqueeze(0))
+    model.pos_embed.requires_grad_(False)  # fixed 2-D sin-cos position embedding
+    return model
+
+
+def build_model(arch: str, info: DatasetInfo, pretrained_weights: str | None = None) -> nn.Module:
+    """Build an architecture for a dataset's channel count and class count (random init unless vit_base)."""
+    import timm
+    from timm.models.resnet import BasicBlock, ResNet
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    k, c = info.num_classes, info.channels
+    if arch == "resnet_tiny":
+        model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=k, in_chans=c, channels=(16, 32, 64, 128),
+                       stem_type="deep", stem_width=8)
+        model.maxpool = nn.Identity()  # keep the stride-2 stem: 28/32 px -> 14/16 px in the first stage
+        return model
+    if arch in ("resnet18", "resnet50"):
+        return _cifar_stem(timm.create_model(arch, pretrained=False, num_classes=k, in_chans=c), c)
+    if arch == "vit_tiny":
+        return _small_vit(info, k, 96, 4, 3)
+    if arch == "vit_small":
+        return _small_vit(info, k, 384, 12, 6)
+    overlay = dict(file=pretrained_weights) if pretrained_weights else None
+    try:
+        return timm.create_model(VIT_BASE_HUB, pretrained=True, num_classes=k, in_chans=c,
+                                 pretrained_cfg_overlay=overlay)
+    except Exception as err:
+        raise UserError(f"cannot load ImageNet weights for vit_base ({type(err).__name__}); offline, download "
+                        f"timm's {VIT_BASE_HUB} model.safetensors elsewhere and pass --pretrained-weights FILE") from None
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Name of the classification head (never pruned, always trained)."""
+    head = model.get_classifier()
+    return next(name for name, m in model.named_modules() if m is head)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pruning: torch.nn.utils.prune keeps weight = weight_orig * weight_mask, so pruned weights stay zero
+# through every later update (momentum and weight decay included) until make_pruning_permanent.
+
+def prunable_modules(model: nn.Module, family: str) -> dict[str, nn.Module]:
+    """Layers that pruning may touch: every conv (ResNet) or every block linear (ViT); never the head."""
+    head = classifier_name(model)
+    kind = nn.Conv2d if family == "resnet" else nn.Linear
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, kind) and name != head and not name.startswith("patch_embed")}
+
+
+def check_sparsity(amount: float) -> None:
+    if not 0 <= amount < 1:
+        raise UserError(f"sparsity must be in [0, 1), got {amount}")
+
+
+def structured_prune(model: nn.Module, family: str, amount: float) -> None:
+    """Zero the fraction `amount` of output filters/rows with the smallest L2 norm, layer by layer."""
+    check_sparsity(amount)
+    for m in prunable_modules(model, family).values():
+        prune.ln_structured(m, "weight", amount=amount, n=2, dim=0)
+
+
+def global_magnitude_prune(model: nn.Module, family: str, amount: float) -> None:
+    """Zero the fraction `amount` of still-unpruned prunable weights with the smallest |w|, over all layers."""
+    check_sparsity(amount)
+    params = [(m, "weight") for m in prunable_modules(model, family).values()]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+
+
+def prune_model(model: nn.Module, family: str, method: str, amount: float) -> None:
+    """Prune by name: "l2-structured" (the PruneLoRA paper's) or "l1-global" (unstructured, Unlearn-Sparse)."""
+    if method == "l2-structured":
+        structured_prune(model, family, amount)
+    elif method == "l1-global":
+        global_magnitude_prune(model, family, amount)
+    else:
+        raise UserError(f"unknown pruning method {method!r}; choose l2-structured or l1-global")
+
+
+def pruned_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if hasattr(m, "weight_mask")]
+
+
+def restore_masks(model: nn.Module, names: Iterable[str]) -> None:
+    """Re-attach pruning masks (weight != 0) to the named layers of a loaded sparse model."""
+    modules = dict(model.named_modules())
+    for name in names:
+        prune.custom_from_mask(modules[name], "weight", modules[name].weight.detach() != 0)
+
+
+def allow_regrowth(model: nn.Module) -> None:
+    """Drop the masks but keep the zeros, so later updates may regrow pruned weights (the seed code's behaviour)."""
+    for name in pruned_modules(model):
+        prune.remove(dict(model.named_modules())[name], "weight")
+
+
+def sparsity(model: nn.Module, family: str) -> float:
+    """Fraction of exactly-zero weights over the prunable layers (head and norms excluded)."""
+    weights = [m.weight for m in prunable_modules(model, family).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the plain architecture: masked weights folded in, no weight_orig/weight_mask keys."""
+    state = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        if key.endswith("weight_mask"):
+            continue
+        if key.endswith("weight_orig"):
+            key = key[: -len("_orig")]
+            value = value * state[key + "_mask"]
+        out[key] = value.detach().contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA through peft. On a pruned layer the update is applied in weight space as M * (W0 + BA), so the
+# merged model is exactly as sparse as the pruned one while training sees the same function.
+
+def _masked_lora_forward(layer, x, weight_fn, *args, **kwargs):
+    result = layer.base_layer(x, *args, **kwargs)
+    mask = layer.base_layer.weight_mask
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            delta = (mask * layer.get_delta_weight(name)).to(result.dtype)
+            result = result + weight_fn(layer.lora_dropout[name](x).to(result.dtype), delta)
+    return result
+
+
+def _lora_layer_classes():
+    from peft.tuners.lora import layer as lora_layer
+
+    class MaskedLoraConv2d(lora_layer.Conv2d):
+        def forward(self, x, *args, **kwargs):
+            if not hasattr(self.base_layer, "weight_mask") or self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            b = self.base_layer
+            return _masked_lora_forward(self, x, lambda inp, w: F.conv2d(inp, w, None, b.stride, b.padding,
+                                                                         b.dilation, b.groups), *args, **kwargs)
+
+    class MaskedLoraLinear(lora_layer.Linear):
+        def forward(self, x, *args, **kwargs):
+            if not hasattr(self.base_layer, "weight_mask") or self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            return _masked_lora_forward(self, x, F.linear, *args, **kwargs)
+
+    return {nn.Conv2d: MaskedLoraConv2d, nn.Linear: MaskedLoraLinear}
+
+
+BN_CALIBRATION_IMAGES = 10_000  # Dr images whose statistics replace the dense model's after pruning
+
+LORA_DEFAULTS = {  # the PruneLoRA paper's settings (REFERENCE §3)
+    "resnet": dict(rank=8, alpha=16, dropout=0.1, targets=r".*layer\d+\.\d+\.conv\d+"),
+    "vit": dict(rank=16, alpha=32, dropout=0.0, targets="qkv,proj,fc1,fc2"),
+}
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str,
+             train_head: bool = True) -> nn.Module:
+    """Freeze the model and wrap it with peft LoRA adapters; the classifier head stays trainable if train_head.
+
+    targets: a regex over module names, or comma-separated name suffixes (peft's conventions)."""
+    from peft import LoraConfig, get_peft_model
+    target_modules = targets if any(ch in targets for ch in "\\.*[") else [t.strip() for t in targets.split(",")]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        modules_to_save=[classifier_name(model)] if train_head else None, init_lora_weights=True)
+    config._register_custom_module(_lora_layer_classes())
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"LoRA targets {targets!r} match no layer of this model ({str(err).splitlines()[0][:100]})")
+
+
+def merge_lora(peft_model: nn.Module) -> nn.Module:
+    """Fold adapters into the weights and return the plain model; pruned layers keep their masks."""
+    from peft.tuners.lora import LoraLayer
+    masks = {}
+    for name, m in peft_model.named_modules():
+        if isinstance(m, LoraLayer) and hasattr(m.base_layer, "weight_mask"):
+            masks[name] = m.base_layer.weight_mask.clone()
+            prune.remove(m.base_layer, "weight")  # weight becomes a plain parameter so peft can merge into it
+    model = peft_model.merge_and_unload()
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        plain_name = name.removeprefix("base_model.model.")
+        prune.custom_from_mask(modules[plain_name], "weight", mask)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and inference.
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most machines)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode, except that frozen BatchNorm layers keep their running statistics (LoRA modes)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None,
+                          batch_size: int = 256) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over x (train-mode forwards, no gradient).
+
+    After structured pruning the dense model's statistics no longer describe the pruned layers' outputs; with
+    BatchNorm frozen (LoRA modes) nothing would ever correct them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all calibration batches
+    model.train()
+    device = next(model.parameters()).device
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            model(normalize(x[start:start + batch_size], info, input_size))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class TrainResult:
+    wall_time_s: float
+    peak_mem_mb: float
+    history: list[dict]
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
+               epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
+               device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
+               after_epoch: Callable[[int], dict] | None = None, desc: str = "train") -> TrainResult:
+    """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
+
+    The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
+    validation data only). A non-finite loss stops the run with a UserError."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    history = []
+    for epoch in range(epochs):
+        set_train_mode(model, freeze_bn)
+        total, steps = torch.zeros((), device=device), 0
+        bar = tqdm(epoch_batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                   disable=None, dynamic_ncols=True)
+        for batch in bar:
+            with autocast(device):
+                loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.detach().float()
+            steps += 1
+            if steps % 50 == 0 and not math.isfinite(float(total)):
+                break
+        mean_loss = float(total) / max(steps, 1)
+        if not math.isfinite(mean_loss):
+            raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
+                            "lower the learning rate (nothing was written)")
+        record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(time.perf_counter() - start, 2))
+        if after_epoch is not None:
+            record.update(after_epoch(epoch))
+        history.append(record)
+        tqdm.write(json.dumps(record))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainResult(time.perf_counter() - start, peak_memory_mb(device), history)
+
+
+def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, gen: torch.Generator | None = None):
+    """Cross-entropy on (uint8 images, labels) batches, with on-device augmentation if asked."""
+    def loss_fn(model, batch):
+        x, y = batch
+        if augment_batches:
+            x = augment(x, info, gen)
+        return F.cross_entropy(model(normalize(x, info, input_size)), y)
+    return loss_fn
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None = None,
+            batch_size: int = 1024) -> torch.Tensor:
+    """Float32 logits for uint8 images, in eval mode, batch by batch, returned on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device):
+            out.append(model(normalize(x[start:start + batch_size].to(device), info, input_size)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, info.num_classes)
+
+
+def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradient of loss_of_logits(logits_i, y_i) w.r.t. each trainable parameter, one per sample (torch.func).
+
+    x is a normalised batch; the model should be in eval mode so BatchNorm uses its running statistics."""
+    from torch.func import functional_call, grad, vmap
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(params, xi, yi):
+        return loss_of_logits(functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0), yi)
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (nan for an empty set)."""
+    return float((logits.argmax(1) == y.cpu()).float().mean() * 100) if len(y) else float("nan")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+    """Adam, AdamW or SGD (momentum) over the trainable parameters, or over given parameter groups."""
+    params = list(params)
+    if not (params and isinstance(params[0], dict)):
+        params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+def make_scheduler(name: str, optimizer, total_steps: int, warmup_steps: int = 0, start_step: int = 0):
+    """Per-step schedule: "none", "cosine" (with optional linear warm-up) or "step" (x0.1 at 50% and 75%).
+
+    start_step > 0 resumes the schedule at that step (prune.py retrains from a rewind point)."""
+    if name == "none":
+        return None
+    if name == "cosine":
+        def factor(step):
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    elif name == "step":
+        def factor(step):
+            return 0.1 ** ((step >= total_steps // 2) + (step >= total_steps * 3 // 4))
+    else:
+        raise UserError(f"unknown schedule {name!r}; choose none, cosine or step")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step + start_step))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: plain safetensors weights + a JSON sidecar, written atomically, never silently overwritten.
+
+def sidecar_path(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def default_output(out_dir: str | Path, data: Data, arch: str, method: str, seed: int) -> Path:
+    """A name that says what the file is, e.g. fashion-mnist_resnet_tiny_class3_finetune_s0.safetensors."""
+    spec = data.spec
+    if spec["forget_class"] is not None:
+        forget = f"class{spec['forget_class']}"
+    elif spec["forget_random"]:
+        forget = f"random{spec['forget_random']}-f{spec['forget_seed']}"
+    else:
+        forget = "full"
+    return Path(out_dir) / f"{data.name}_{arch}_{forget}_{method}_s{seed}.safetensors"
+
+
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """Fail early if an output exists (unless overwrite) or its name is not a .safetensors file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"output {path} must end in .safetensors")
+    if not overwrite and (path.exists() or sidecar_path(path).exists()):
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict:
+    import peft
+    import safetensors
+    import timm
+    import torchvision
+    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                timm=timm.__version__, peft=peft.__version__, safetensors=safetensors.__version__,
+                numpy=np.__version__, cuda=torch.version.cuda if torch.cuda.is_available() else None)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: str, data: Data, config: dict,
+                    result: TrainResult | None, trainable_params: int, extra: dict | None = None,
+                    overwrite: bool = False) -> dict:
+    """Write plain weights (.safetensors) and the sidecar (.json) atomically; return the sidecar."""
+    from safetensors.torch import save_file
+    path = check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    family = ARCHS[arch].family
+    meta = dict(format=FORMAT, arch=arch, method=method, num_classes=data.info.num_classes,
+                in_chans=data.info.channels, data=data.spec, config=config,
+                wall_time_s=round(result.wall_time_s, 3) if result else None,
+                peak_mem_mb=round(result.peak_mem_mb, 1) if result else None,
+                peak_mem_kind=("cuda_max_allocated" if next(model.parameters()).is_cuda else "process_max_rss"),
+                trainable_params=trainable_params, total_params=count_params(model)[1],
+                sparsity=round(sparsity(model, family), 6), pruned_modules=pruned_modules(model),
+                history=result.history if result else [], versions=library_versions(), git_commit=_git_commit(),
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
+    state = plain_state_dict(model)
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch}))
+    meta["weights_sha256"] = _sha256(path)
+    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return meta
+
+
+def read_sidecar(path: str | Path) -> dict:
+    side = sidecar_path(path)
+    if not Path(path).exists():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        meta = json.loads(side.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} has no sidecar {side}: not a checkpoint of this toolkit") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"sidecar {side} is not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{side} is not a {FORMAT} sidecar")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, expect_arch: str | None = None,
+                    pretrained_weights: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights and re-attach its pruning masks."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    meta = read_sidecar(path)
+    if expect_arch and meta["arch"] != expect_arch:
+        raise UserError(f"{path} holds a {meta['arch']} model, not {expect_arch}")
+    if meta.get("weights_sha256") and _sha256(Path(path)) != meta["weights_sha256"]:
+        raise UserError(f"{path} does not match its sidecar's checksum: truncated or replaced")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"cannot read weights {path}: {err}") from None
+    info = DATASETS[meta["data"]["dataset"]]
+    if (info.num_classes, info.channels) != (meta["num_classes"], meta["in_chans"]):
+        raise UserError(f"{path}: sidecar class/channel count does not match dataset {meta['data']['dataset']}")
+    # vit_base's pretrained weights are overwritten by the checkpoint; build it without the hub.
+    model = build_model(meta["arch"], info) if meta["arch"] != "vit_base" else _vit_base_skeleton(info)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"weights in {path} do not fit a {meta['arch']} model "
+                        f"({str(err).splitlines()[0][:120]})") from None
+    restore_masks(model, meta.get("pruned_modules", []))
+    return prepare_model(model, torch.device(device)), meta
+
+
+def _vit_base_skeleton(info: DatasetInfo) -> nn.Module:
+    import timm
+    return timm.create_model(VIT_BASE_HUB, pretrained=False, num_classes=info.num_classes, in_chans=info.channels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: flags shared by every stage, grouped as timm does.
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
+    g.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
+    g.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="per-class validation hold-out; 0 keeps every training image (default: %(default)s)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default: %(default)s)")
+    g.add_argument("--train-subset", type=int, default=0,
+                   help="keep only N random training images, for quick runs; 0 = all (default: %(default)s)")
+
+
+def add_forget_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("forget set")
+    g.add_argument("--forget-class", type=int, default=None,
+                   help="class-wise forgetting of class K (default: 3, the PruneLoRA paper's cat, "
+                        "unless --forget-random is given)")
+    g.add_argument("--forget-random", type=int, default=0,
+                   help="random-sample forgetting of N training images (default: %(default)s = off)")
+    g.add_argument("--forget-seed", type=int, default=0,
+                   help="seed that draws the random forget set (default: %(default)s)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--out-dir", default="model_weights", help="where checkpoints go (default: %(default)s)")
+    g.add_argument("--out", default=None, help="output .safetensors path (default: a descriptive name in --out-dir)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def unlearn_parser(doc: str) -> argparse.ArgumentParser:
+    """Parser with the flags every unlearning script shares: the model to unlearn, the forget set, the run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint of the original model (pretrain.py's output)")
+    parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
+    add_forget_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def add_optim_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int, optimizer: str,
+                   weight_decay: float, augment: bool) -> None:
+    """The update's optimisation flags, with a method's own defaults."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--optimizer", default=optimizer, choices=["adam", "adamw", "sgd"],
+                   help="sgd uses momentum 0.9 (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help="(default: %(default)s)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=augment,
+                   help="random crop + flip on the batches (default: %(default)s)")
+
+
+def add_adapt_args(parser: argparse.ArgumentParser, *, prune_method: str = "none", sparsity: float = 0.5,
+                   lora: bool = False, lora_head: bool = True) -> None:
+    """Flags for "prune first, then adapt": pruning before the update, and LoRA instead of full weights."""
+    g = parser.add_argument_group("pruning and LoRA")
+    g.add_argument("--prune", default=prune_method, choices=["none", "l2-structured", "l1-global"],
+                   help="prune before unlearning (default: %(default)s)")
+    g.add_argument("--sparsity", type=float, default=sparsity, help="fraction pruned (default: %(default)s)")
+    g.add_argument("--allow-regrowth", action="store_true",
+                   help="drop the pruning masks before the update, as the seed code did (pruned weights regrow)")
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=lora,
+                   help="train LoRA adapters + head instead of all weights (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=None, help="default: 8 for ResNets, 16 for ViTs")
+    g.add_argument("--lora-alpha", type=float, default=None, help="default: 16 for ResNets, 32 for ViTs")
+    g.add_argument("--lora-dropout", type=float, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
+    g.add_argument("--lora-targets", default=None,
+                   help="regex or comma-separated module-name suffixes (default: block convs; qkv,proj,fc1,fc2)")
+    g.add_argument("--lora-head", action=argparse.BooleanOptionalAction, default=lora_head,
+                   help="train the classifier head beside the adapters (default: %(default)s)")
+    g.add_argument("--update-bn", action="store_true", help="let BatchNorm running statistics update in LoRA mode")
+    g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="after pruning, re-estimate BatchNorm statistics on up to "
+                        f"{BN_CALIBRATION_IMAGES:,} Dr images; not with --allow-regrowth, whose pruned channels "
+                        "would then be scaled by 1/sqrt(eps) as they regrow (default: %(default)s)")
+
+
+def resolve_adapt_args(args: argparse.Namespace, family: str) -> None:
+    """Fill the LoRA flags left at None with the architecture family's paper defaults."""
+    for key, value in LORA_DEFAULTS[family].items():
+        if getattr(args, f"lora_{key}") is None:
+            setattr(args, f"lora_{key}", value)
+
+
+def adapt_model(model: nn.Module, family: str, args: argparse.Namespace) -> tuple[nn.Module, float]:
+    """Prune (masks kept unless --allow-regrowth), then wrap with LoRA if asked.
+
+    Returns the model to train and its sparsity right after pruning."""
+    if args.prune != "none":
+        prune_model(model, family, args.prune, args.sparsity)
+    if args.allow_regrowth:
+        allow_regrowth(model)
+    pruned_sparsity = sparsity(model, family)
+    if args.lora:
+        resolve_adapt_args(args, family)
+        model = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                         args.lora_head)
+    return model, pruned_sparsity
+
+
+def finish_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The plain model to save: LoRA merged in (masks kept), ready for plain_state_dict."""
+    return merge_lora(model) if args.lora else model
+
+
+def freeze_bn(args: argparse.Namespace) -> bool:
+    """BatchNorm statistics stay frozen in LoRA modes unless --update-bn (a seed-code defect otherwise)."""
+    return args.lora and not args.update_bn
+
+
+def forget_kwargs(args: argparse.Namespace) -> dict:
+    """Forget-set keywords of make_data from parsed flags; class 3 unless random-sample forgetting is asked."""
+    forget_class = args.forget_class
+    if forget_class is None and not args.forget_random:
+        forget_class = 3  # the PruneLoRA paper's class (cat in CIFAR-10)
+    return dict(forget_class=forget_class, forget_random=args.forget_random, forget_seed=args.forget_seed)
+
+
+def data_from_args(args: argparse.Namespace, device: torch.device, forget: dict | None = None) -> Data:
+    return make_data(args.dataset, args.data_dir, device, val_fraction=args.val_fraction,
+                     split_seed=args.split_seed, train_subset=args.train_subset, download=args.download,
+                     **(forget or {}))
+
+
+def setup_unlearning(args: argparse.Namespace, method: str) -> tuple[nn.Module, dict, Data, torch.device, Path]:
+    """Seed, pick the device, load the original model and cut its dataset into this run's forget/retain sets.
+
+    The dataset and train/val split come from the original's sidecar, so every method sees the same images."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    model, meta = load_checkpoint(args.model, device)
+    spec = dict(meta["data"], **forget_kwargs(args))
+    args.forget_class = spec["forget_class"]  # print and record the resolved forget set
+    data = data_from_spec(spec, args.data_dir, device)
+    out = check_writable(args.out or default_output(args.out_dir, data, meta["arch"], method, args.seed),
+                         args.overwrite)
+    return model, meta, data, device, out
+
+
+def print_config(title: str, config: dict) -> None:
+    print(f"{title}: " + json.dumps(config, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unlearning runs: what every unlearning script does before and after its own objective.
+
+def quick_report(model: nn.Module, data: Data, input_size: int | None) -> dict:
+    """Accuracies a method prints when it ends: Df, Dr, and the test set's retained and forgotten parts."""
+    report = {}
+    for name, split in (("forget_acc", "forget"), ("retain_acc", "retain"), ("test_retain_acc", "test_retain"),
+                        ("test_forget_acc", "test_forget")):
+        x, y = data.subset(split)
+        report[name] = round(accuracy(predict(model, x, data.info, input_size), y), 3) if len(y) else None
+    return report
+
+
+@dataclass
+class UnlearningRun:
+    """Everything an unlearning script works with: the (pruned, adapted) model, its data and where it goes."""
+    args: argparse.Namespace
+    method: str
+    model: nn.Module
+    meta: dict  # the original checkpoint's sidecar
+    data: Data
+    device: torch.device
+    out: Path
+    gen: torch.Generator  # batch order and augmentation
+    sparsity_after_pruning: float
+    teacher: nn.Module | None = None  # frozen copy of the loaded model, if asked for
+    prep_time_s: float = 0.0  # pruning, adapters and BatchNorm recalibration: part of the method's cost
+
+    @property
+    def input_size(self) -> int | None:
+        return ARCHS[self.meta["arch"]].input_size
+
+    def ce_loss(self, augment: bool):
+        return ce_loss(self.data.info, self.input_size, augment, self.gen)
+
+    def batches(self, split: str, labels: torch.Tensor | None = None, batch_size: int | None = None):
+        """A shuffled pass over a split (optionally with replacement labels), as train_loop's epoch_batches."""
+        x, y = self.data.subset(split)
+        y = y if labels is None else labels
+        return lambda epoch: batches(x, y, batch_size or self.args.batch_size, shuffle=True, gen=self.gen)
+
+
+def start_unlearning(args: argparse.Namespace, method: str, keep_teacher: bool = False) -> UnlearningRun:
+    """Load the original, cut this run's forget/retain sets, prune and wrap with LoRA as asked, print the config.
+
+    keep_teacher: also keep a frozen copy of the loaded model (before pruning and adapters) as run.teacher."""
+    model, meta, data, device, out = setup_unlearning(args, method)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if keep_teacher else None
+    start = time.perf_counter()
+    model, pruned_sparsity = adapt_model(model, ARCHS[meta["arch"]].family, args)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.prune != "none" and args.recalibrate_bn and not args.allow_regrowth:
+        x_retain, _ = data.subset("retain")
+        pick = torch.randperm(len(x_retain), device=device, generator=gen)[:BN_CALIBRATION_IMAGES]
+        recalibrate_batchnorm(model, x_retain[pick], data.info, ARCHS[meta["arch"]].input_size)
+    print_config(method, vars(args))
+    return UnlearningRun(args, method, model, meta, data, device, out, gen, pruned_sparsity, teacher,
+                         prep_time_s=time.perf_counter() - start)
+
+
+def train_unlearning(run: UnlearningRun, epoch_batches: Callable[[int], Iterable],
+                     loss_fn: Callable[[nn.Module, tuple], torch.Tensor], **loop_kwargs) -> TrainResult:
+    """train_loop with the run's optimiser flags; BatchNorm statistics frozen in LoRA modes."""
+    args = run.args
+    optimizer = make_optimizer(args.optimizer, run.model.parameters(), args.lr, args.weight_decay)
+    return train_loop(run.model, optimizer, args.epochs, epoch_batches, loss_fn, device=run.device,
+                      freeze_bn=freeze_bn(args), desc=run.method, **loop_kwargs)
+
+
+def finish_run(run: UnlearningRun, result: TrainResult, extra: dict | None = None) -> None:
+    """Merge adapters, save weights and sidecar, print the one-line summary of an unlearning run."""
+    trainable = count_params(run.model)[0]
+    result = dataclasses.replace(result, wall_time_s=result.wall_time_s + run.prep_time_s)
+    model = finish_model(run.model, run.args)
+    report = quick_report(model, run.data, run.input_size)
+    saved = save_checkpoint(model, run.out, arch=run.meta["arch"], method=run.method, data=run.data,
+                            config=vars(run.args), result=result, trainable_params=trainable,
+                            overwrite=run.args.overwrite,
+                            extra=dict(parent=str(run.args.model), quick_report=report,
+                                       sparsity_after_pruning=round(run.sparsity_after_pruning, 6), **(extra or {})))
+    scope = "retained classes" if run.data.forget_class is not None else "whole test set"
+    print(f"{run.method}: {result.wall_time_s:.1f}s, {trainable:,}/{saved['total_params']:,} params trained, "
+          f"sparsity {saved['sparsity']:.3f}; Acc(Df) {report['forget_acc']:.2f}%, "
+          f"Acc(Dr) {report['retain_acc']:.2f}%, test acc {report['test_retain_acc']:.2f}% ({scope}) -> {run.out}")

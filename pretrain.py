@@ -1,0 +1,159 @@
+"""Train the original model on the training split, or with --retrain the Retrain reference on Dr only.
+
+Retrain (same recipe, same seed, forget set removed) is exact unlearning: every method is judged by how
+close it gets to it. Recipes per architecture follow REFERENCE §2; any flag overrides its recipe value.
+
+    python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3
+    python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3 --retrain --forget-class 3
+
+prints the resolved config, one JSON line per epoch (loss, validation accuracy), then a summary line
+with validation and test accuracy and the checkpoint path. Nothing is selected on the test set: the
+final epoch's weights are saved, and the test accuracy is printed for the report only.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+# Training recipes (REFERENCE §2). The CPU-sized ones are ours, tuned for the Fashion-MNIST demo.
+RECIPES = {
+    # PruneLoRA paper, ResNet-50: SGD 0.1, momentum 0.9, wd 5e-4, cosine, 200 epochs, batch 128, crop+flip
+    "resnet50": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="cosine", epochs=200, batch_size=128),
+    # Unlearn-Sparse ResNet-18: SGD 0.1, wd 5e-4, 182 epochs, x0.1 at 91 and 136 (50%/75%), batch 256
+    "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="step", epochs=182, batch_size=256),
+    # PruneLoRA paper, ViT-S/4: AdamW 1e-3, wd 0.1 on matrices, 10k warm-up + cosine, 90 epochs, clip 1, MixUp 0.2
+    "vit_small": dict(optimizer="adamw", lr=1e-3, weight_decay=0.1, schedule="cosine", warmup_steps=10_000,
+                      epochs=90, batch_size=128, grad_clip=1.0, mixup=0.2),
+    # ImageNet ViT-B/16 fine-tuned at 224 px for a few epochs (the pre-trained route)
+    "vit_base": dict(optimizer="sgd", lr=0.01, weight_decay=0.0, schedule="cosine", epochs=3, batch_size=64,
+                     grad_clip=1.0),
+    # CPU-sized models for demos and tests
+    "resnet_tiny": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine", epochs=3, batch_size=128),
+    "vit_tiny": dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=200,
+                     epochs=5, batch_size=128, grad_clip=1.0),
+}
+RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, augment=True)
+
+
+def parse_args():
+    recipes = "\n".join(f"  {arch}: " + ", ".join(f"{k}={v}" for k, v in dict(RECIPE_DEFAULTS, **r).items())
+                         for arch, r in RECIPES.items())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="recipe defaults per architecture:\n" + recipes)
+    parser.add_argument("--arch", default="resnet50", help=f"one of {', '.join(common.ARCHS)} (default: %(default)s)")
+    parser.add_argument("--retrain", action="store_true", help="train the Retrain reference on Dr only")
+    parser.add_argument("--pretrained-weights", default=None, help="local ImageNet weights file for vit_base")
+    common.add_data_args(parser)
+    common.add_forget_args(parser)
+    g = parser.add_argument_group("recipe (default: the architecture's recipe, printed at start)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float, help="on weight matrices only for adamw")
+    g.add_argument("--schedule", choices=["none", "cosine", "step"])
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off")
+    g.add_argument("--mixup", type=float, help="MixUp alpha; 0 = off")
+    g.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes"), help="random crop + flip (true/false)")
+    common.add_run_args(parser)
+    args = parser.parse_args()
+    if args.arch not in common.ARCHS:
+        raise common.UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(common.ARCHS)}")
+    recipe = dict(RECIPE_DEFAULTS, **RECIPES[args.arch])
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def param_groups(model, weight_decay, matrices_only):
+    """Weight decay on weight matrices only (not biases, norms, embeddings' position table) for AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not matrices_only:
+        return [dict(params=params, weight_decay=weight_decay)]
+    return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+
+
+def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch: int = 0,
+                 stop_epoch: int | None = None):
+    """Train with the recipe in args on the training split (or Dr with args.retrain), validating each epoch.
+
+    Runs epochs start_epoch..stop_epoch-1 of the full run's schedule (default: all of them); prune.py
+    replays the run up to its rewind epoch (stop_epoch) and retrains from there (start_epoch)."""
+    info, input_size = data.info, common.ARCHS[args.arch].input_size
+    x_fit, y_fit = data.subset("retain" if args.retrain else "train")
+    # Retrain never sees the forgotten class, so it is validated on the retained classes only.
+    x_val, y_val = data.subset("val")
+    if args.retrain and data.forget_class is not None:
+        keep = y_val != data.forget_class
+        x_val, y_val = x_val[keep], y_val[keep]
+
+    optimizer = common.make_optimizer(args.optimizer, param_groups(model, args.weight_decay, args.optimizer == "adamw"),
+                                      args.lr, args.weight_decay)
+    steps_per_epoch = len(x_fit) // args.batch_size
+    scheduler = common.make_scheduler(args.schedule, optimizer, args.epochs * steps_per_epoch, args.warmup_steps,
+                                      start_step=start_epoch * steps_per_epoch)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    mixup = None
+    if args.mixup:
+        from timm.data import Mixup
+        mixup = Mixup(mixup_alpha=args.mixup, num_classes=info.num_classes)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        if args.augment:
+            x = common.augment(x, info, gen)
+        x = common.normalize(x, info, input_size)
+        if mixup is not None:
+            x, soft = mixup(x, y)
+            return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(x), y)
+
+    def validate(epoch):
+        return dict(val_acc=round(common.accuracy(common.predict(model, x_val, info, input_size), y_val), 3))
+
+    return common.train_loop(
+        model, optimizer, (stop_epoch or args.epochs) - start_epoch,
+        lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True),
+        loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip,
+        after_epoch=validate if len(y_val) else None, desc=desc)
+
+
+def test_accuracy(model, args, data: common.Data) -> float:
+    """Accuracy on the test set's retained part, for the report only (never for selection)."""
+    x_test, y_test = data.subset("test_retain")
+    return common.accuracy(common.predict(model, x_test, data.info, common.ARCHS[args.arch].input_size), y_test)
+
+
+def main():
+    args = parse_args()
+    common.print_config("pretrain", vars(args))
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    forget = common.forget_kwargs(args) if args.retrain else None
+    data = common.data_from_args(args, device, forget)
+    method = "retrain" if args.retrain else "original"
+    out = common.check_writable(args.out or common.default_output(args.out_dir, data, args.arch, method, args.seed),
+                                args.overwrite)
+
+    model = common.prepare_model(common.build_model(args.arch, data.info, args.pretrained_weights), device)
+    result = train_recipe(model, args, data, device, method)
+
+    test_acc = test_accuracy(model, args, data)
+    val_acc = result.history[-1].get("val_acc", float("nan"))
+    common.save_checkpoint(model, out, arch=args.arch, method=method, data=data, config=vars(args), result=result,
+                           trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
+                           extra=dict(val_acc=val_acc, test_acc=round(test_acc, 3)))
+    scope = "retained-class " if args.retrain and data.forget_class is not None else ""
+    n_fit = len(data.retain if args.retrain else data.train)
+    print(f"{method}: {args.arch} on {n_fit} {data.name} images, {args.epochs} epochs in "
+          f"{result.wall_time_s:.1f}s; {scope}val acc {val_acc:.2f}%, {scope}test acc {test_acc:.2f}% -> {out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
