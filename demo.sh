@@ -2,7 +2,7 @@
 # The PruneLoRA pipeline at CPU scale: Fashion-MNIST, the CPU-sized ResNet, forget class 3 (dress).
 # Trains the original and the Retrain reference, runs the four methods at the paper's defaults
 # (Adam 1e-3, 5 epochs, batch 128, Dr only), then compares them all with Retrain.
-# About 8 minutes on 2 CPU cores. Outputs: model_weights/fashion-mnist_resnet_tiny_*, results/demo.md.
+# About 11 minutes on 2 CPU cores. Outputs: model_weights/fashion-mnist_resnet_tiny_*, results/demo.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMON=(--dataset fashion-mnist --arch resnet_tiny --epochs 3)

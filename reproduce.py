@@ -53,7 +53,7 @@ PROFILES = {
     "cpu-fashion-rfa": dict(  # RFA-style beside the PruneLoRA methods and GA
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "3"],
         forgets=[["--forget-class", "3"], ["--forget-random", "6000"]], seeds=[0],
-        methods=["rfa", "rfa-ncm", "finetune", "lora", "loraprune", "ga"]),
+        methods=["rfa", "rfa-ncm", "finetune", "loraprune", "ga"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "pruneft", "lora", "loraprune"]),
