@@ -30,6 +30,7 @@ METHODS = {
     "ft-sparse": ("finetune.py", ["--optimizer", "sgd", "--lr", "0.01", "--epochs", "10", "--batch-size", "256",
                                   "--weight-decay", "5e-4", "--augment"]),  # Unlearn-Sparse FT
     "ga": ("ga.py", []),
+    "ga-lr5e-4": ("ga.py", ["--lr", "5e-4"]),  # the learning rate the Unlearn-Sparse maintainers advised later
     "rl": ("rl.py", []),
     "l1sparse": ("l1sparse.py", []),
     "ff": ("ff.py", []),
@@ -48,7 +49,8 @@ PROFILES = {
     "cpu-fashion-sparse": dict(  # the Unlearn-Sparse methods, dense and at 50% OMP sparsity, CPU-sized epochs
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "3"],
         forgets=[["--forget-class", "3"], ["--forget-random", "6000"]], seeds=[0],
-        methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5], omp_flags=["--rewind-epoch", "1"],
+        methods=["ft-sparse", "ga", "ga-lr5e-4", "rl", "ff", "iu", "l1sparse"], omp=[0.5],
+        omp_flags=["--rewind-epoch", "1"],
         method_flags={"ft-sparse": ["--epochs", "3"], "l1sparse": ["--epochs", "3"]}),
     "cpu-fashion-rfa": dict(  # RFA-style beside the PruneLoRA methods and GA
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "3"],
