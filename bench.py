@@ -253,7 +253,7 @@ def main():
     for path, text in ((args.json, json.dumps(figures, indent=1)), (args.md, summary)):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            common._atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+            common.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
             print(f"wrote {path}")
     print(f"bench on {figures['device']}: loop/raw ratio {figures['loop_overhead']['ratio']}")
 

@@ -737,7 +737,8 @@ def library_versions() -> dict:
                 numpy=np.__version__, cuda=torch.version.cuda if torch.cuda.is_available() else None)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside path, then rename it over path: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -772,9 +773,9 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: st
                 history=result.history if result else [], versions=library_versions(), git_commit=_git_commit(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
     state = plain_state_dict(model)
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch}))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch}))
     meta["weights_sha256"] = _sha256(path)
-    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return meta
 
 

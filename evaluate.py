@@ -38,7 +38,9 @@ Directions (the header's arrows point to more forgotten for UA, FTA and the MIAs
 - MIA-loss: % of Df that logistic regression on per-sample CE loss (balanced Dr vs test) calls non-member
   (PruneLoRA paper): higher = more forgotten.
 - MIA-ent: % of Df that logistic regression on prediction entropy flags as MEMBER (RFA/SSD convention):
-  lower = more forgotten.
+  lower = more forgotten. Unstable where Dr's and the test set's entropies hardly differ (a model that has not
+  memorised its training data): the one-feature attacker then calls nearly all of Df member or nearly none, so
+  the score jumps between ~0 and ~100 on small changes.
 - ActDist Df/Dr: mean L2 distance of softmax outputs to Retrain's; JS Df: mean per-sample Jensen-Shannon
   divergence (nats) to Retrain's outputs on Df; Avg Gap: mean |model - Retrain| over UA, RA, TA, MIA-eff:
   lower = closer to Retrain.
@@ -233,7 +235,7 @@ def describe_forget(spec: dict) -> str:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    common._atomic_write(path, lambda tmp: tmp.write_text(text))
+    common.atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def main():

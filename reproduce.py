@@ -1,8 +1,9 @@
 """Run a grid of methods x forget settings x seeds for a named profile, evaluate every unlearned model against
 the Retrain of the same forget set and seed, and report mean +/- std with plots.
 
-    python reproduce.py --profile cpu-fashion            # ~40 min on 2 CPU cores
+    python reproduce.py --profile cpu-fashion            # @@MIN@@ min on 2 CPU cores (RESULTS.md)
     python reproduce.py --profile paper-cifar10 --dry-run
+    python reproduce.py --profile cpu-fashion --report-only   # table.md and plots again from results.csv
 
 Each run is one of the project's scripts in a subprocess. Checkpoints go to <out-root>/ckpt/ (shared by the
 profiles, so the same original or Retrain is trained once); a run whose checkpoint exists is skipped, so an
@@ -35,8 +36,10 @@ METHODS = {
     "l1sparse": ("l1sparse.py", []),
     "ff": ("ff.py", []),
     "iu": ("iu.py", []),
-    "rfa": ("rfa.py", ["--target", "teacher-ce"]),
-    "rfa-ncm": ("rfa.py", ["--target", "nearest-class-mean"]),
+    "iu-a2": ("iu.py", ["--alpha", "2"]),  # twice the Newton step: what makes IU forget a class here (README)
+    "ff-noise-only": ("ff.py", ["--no-zero-forget-head"]),  # FF's noise without Golatkar's head-row reset
+    "rfa": ("rfa.py", ["--target", "nearest-class-mean"]),
+    "rfa-ce": ("rfa.py", ["--target", "teacher-ce"]),
 }
 
 # A profile: dataset and architectures, pretraining flags, forget settings, seeds, methods (with per-profile
@@ -49,13 +52,13 @@ PROFILES = {
     "cpu-fashion-sparse": dict(  # the Unlearn-Sparse methods, dense and at 50% OMP sparsity, CPU-sized epochs
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "3"],
         forgets=[["--forget-class", "3"], ["--forget-random", "6000"]], seeds=[0],
-        methods=["ft-sparse", "ga", "ga-lr5e-4", "rl", "ff", "iu", "l1sparse"], omp=[0.5],
+        methods=["ft-sparse", "ga", "ga-lr5e-4", "rl", "ff", "ff-noise-only", "iu", "iu-a2", "l1sparse"], omp=[0.5],
         omp_flags=["--rewind-epoch", "1"],
         method_flags={"ft-sparse": ["--epochs", "3"], "l1sparse": ["--epochs", "3"]}),
     "cpu-fashion-rfa": dict(  # RFA-style beside the PruneLoRA methods and GA
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "3"],
         forgets=[["--forget-class", "3"], ["--forget-random", "6000"]], seeds=[0],
-        methods=["rfa", "rfa-ncm", "finetune", "loraprune", "ga"]),
+        methods=["rfa", "rfa-ce", "finetune", "loraprune", "ga"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "pruneft", "lora", "loraprune"]),
@@ -69,6 +72,7 @@ PROFILES = {
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "loraprune"],
         method_flags={"finetune": ["--epochs", "1"], "loraprune": ["--epochs", "1"]}),
 }
+KIND_NAMES = {"class": "class-wise", "random": "random-sample"}
 METRICS = ["UA", "RA", "TA", "FTA", "mia_efficacy", "mia_loss", "mia_entropy", "act_dist_forget", "act_dist_retain",
            "js_forget", "avg_gap", "wall_time_s", "peak_mem_mb", "trainable_params", "sparsity"]
 
@@ -138,6 +142,28 @@ def evaluate_grid(runs: list[dict], data_dir: str, device: str) -> list[dict]:
     return rows
 
 
+CSV_FIELDS = ["profile", "arch", "forget", "seed", "label", "method", "path", *METRICS]
+
+
+def write_rows(path: Path, rows: list[dict], profile: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(dict(r, profile=profile) for r in rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's results.csv, numbers parsed (an empty cell is a metric that does not apply)."""
+    if not path.exists():
+        raise common.UserError(f"{path} not found: run the profile first (without --report-only)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["seed"] = int(row["seed"])
+        row.update({k: float(row[k]) if row[k] else None for k in METRICS})
+    return rows
+
+
 def mean_std(values: list) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -159,7 +185,7 @@ def summary_table(rows: list[dict]) -> str:
                 continue
             settings = sorted({r["forget"] for r in group})
             seeds = sorted({r["seed"] for r in group})
-            out.append(f"### {arch}, {kind}-wise forgetting: {', '.join(settings)} x seeds {seeds} "
+            out.append(f"### {arch}, {KIND_NAMES[kind]} forgetting: {', '.join(settings)} x seeds {seeds} "
                        f"({len(settings) * len(seeds)} runs per row)\n")
             header = ["method"] + [evaluate.HEADER_DIRECTIONS.get(h, h) for _, h, _ in columns]
             out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -176,18 +202,24 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     written = []
     kinds = [k for k in ("class", "random") if any(r["forget"].startswith(k) for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    # One colour per method, one marker per starting model (dense circle, pruned square), so that a grid of a
+    # dozen methods x {dense, OMP} stays readable.
+    bases = list(dict.fromkeys(r["label"].split("@")[0] for r in rows))
+    colours = dict(zip(bases, [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds) + 2, 5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         group = [r for r in rows if r["forget"].startswith(kind)]
         for label in dict.fromkeys(r["label"] for r in group):
             ua = [r["UA"] for r in group if r["label"] == label]
             ra = [r["RA"] for r in group if r["label"] == label]
-            ax.errorbar(np.mean(ra), np.mean(ua), xerr=np.std(ra), yerr=np.std(ua), fmt="*" if label == "retrain"
-                        else "o", markersize=12 if label == "retrain" else 6, capsize=3, label=label)
+            marker = "*" if label == "retrain" else "s" if "@" in label else "o"
+            ax.errorbar(np.mean(ra), np.mean(ua), xerr=np.std(ra), yerr=np.std(ua), fmt=marker,
+                        color=colours[label.split("@")[0]], markersize=14 if label == "retrain" else 7, capsize=3,
+                        label=label)
         ax.set(xlabel="RA = Acc(Dr) % (higher = better)", ylabel="UA = 100 - Acc(Df) % (higher = more forgotten)",
-               title=f"{kind}-wise forgetting (mean ± std; Retrain = star)")
+               title=f"{KIND_NAMES[kind]} forgetting (mean ± std; Retrain = star, pruned = square)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: points stay visible
     fig.tight_layout()
     written.append(out_dir / "ua_vs_ra.png")
     fig.savefig(written[-1], dpi=110)
@@ -218,6 +250,8 @@ def main():
     parser.add_argument("--data-dir", default="./data", help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="(default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild table.md and the plots from an earlier run's results.csv; runs nothing")
     args = parser.parse_args()
     if args.profile not in PROFILES:
         raise common.UserError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
@@ -235,24 +269,24 @@ def main():
             print("python " + " ".join(map(str, run["cmd"])) + f" --out {run['out']}")
         return
 
-    start = time.perf_counter()
-    for i, run in enumerate(runs, 1):
-        run["out"].parent.mkdir(parents=True, exist_ok=True)
-        status = execute(run, args.data_dir, args.device)
-        print(f"[{i}/{len(runs)}] {run['out'].name}: {status} ({time.perf_counter() - start:.0f}s total)", flush=True)
-    rows = evaluate_grid(runs, args.data_dir, args.device)
-
     out_dir = root / args.profile
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["profile", "arch", "forget", "seed", "label", "method", "path", *METRICS]
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(dict(r, profile=args.profile) for r in rows)
-    (out_dir / "table.md").write_text(summary_table(rows))
+    start = time.perf_counter()
+    if args.report_only:
+        rows = read_rows(out_dir / "results.csv")
+    else:
+        for i, run in enumerate(runs, 1):
+            run["out"].parent.mkdir(parents=True, exist_ok=True)
+            status = execute(run, args.data_dir, args.device)
+            print(f"[{i}/{len(runs)}] {run['out'].name}: {status} ({time.perf_counter() - start:.0f}s total)",
+                  flush=True)
+        rows = evaluate_grid(runs, args.data_dir, args.device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        common.atomic_write(out_dir / "results.csv", lambda tmp: write_rows(tmp, rows, args.profile))
+    common.atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(summary_table(rows)))
     written = plots(rows, out_dir)
     print(summary_table(rows))
-    print(f"{args.profile}: {len(runs)} runs, {time.perf_counter() - start:.0f}s -> "
+    done = "report rebuilt from results.csv" if args.report_only else f"{len(runs)} runs"
+    print(f"{args.profile}: {done}, {time.perf_counter() - start:.0f}s -> "
           + ", ".join(str(p) for p in [out_dir / "results.csv", out_dir / "table.md", *written]))
 
 

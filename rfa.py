@@ -11,12 +11,13 @@ one Df batch of the same size and minimises
 so the residual features stay zero on retained data and move the forget data's features elsewhere.
 The paper's exact choices (where LoRA sits, the shift target, the loss weights) could not be obtained:
 this is an RFA-style reimplementation. --target chooses the shift:
-  nearest-class-mean: MSE of the student's penultimate feature to the teacher's mean penultimate feature
-      (over Dr) of the class nearest to the sample's teacher feature, its own class excluded;
+  nearest-class-mean (default): MSE of the student's penultimate feature to the teacher's mean penultimate
+      feature (over Dr) of the class nearest to the sample's teacher feature, its own class excluded;
   teacher-ce: cross-entropy to the teacher's best class other than the sample's own (class-wise: other
       than the forgotten class).
 In random-sample forgetting both targets push every Df image to another class, whereas Retrain still
-classifies most of them correctly: expect over-forgetting there (README).
+classifies most of them correctly: expect over-forgetting there. teacher-ce then drags the retained data
+along (Fashion-MNIST, 6,000 random images: Acc(Dr) 31%, against 85% with nearest-class-mean; README).
 
     python rfa.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 
@@ -30,7 +31,7 @@ from timm.models.vision_transformer import Block
 
 import common
 
-TARGET = "teacher-ce"  # or "nearest-class-mean"
+TARGET = "nearest-class-mean"  # or "teacher-ce"; closer to Retrain in both forget settings here (README)
 EPOCHS = 5  # passes over Df
 LR = 1e-3
 BATCH_SIZE = 128  # per set: each step sees this many Df and this many Dr images

@@ -20,6 +20,13 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     assert again.stdout.count("skipped (exists)") == 4 and "done in" not in again.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
 
+    # --report-only rebuilds the table and plots from results.csv alone, running and evaluating nothing.
+    for name in ("table.md", "ua_vs_ra.png", "cost.png"):
+        (out / name).unlink()
+    rebuilt = run_script("reproduce.py", "--profile", "smoke", "--out-root", tmp_path, "--report-only")
+    assert "skipped" not in rebuilt.stdout and "done in" not in rebuilt.stdout
+    assert (out / "table.md").read_text() == table and (out / "ua_vs_ra.png").stat().st_size > 0
+
 
 def test_gpu_profiles_dry_run_lists_the_paper_commands():
     proc = run_script("reproduce.py", "--profile", "paper-cifar10", "--dry-run")
