@@ -1,7 +1,7 @@
 """Run a grid of methods x forget settings x seeds for a named profile, evaluate every unlearned model against
 the Retrain of the same forget set and seed, and report mean +/- std with plots.
 
-    python reproduce.py --profile cpu-fashion            # @@MIN@@ min on 2 CPU cores (RESULTS.md)
+    python reproduce.py --profile cpu-fashion            # ~55 min on 2 CPU cores (RESULTS.md)
     python reproduce.py --profile paper-cifar10 --dry-run
     python reproduce.py --profile cpu-fashion --report-only   # table.md and plots again from results.csv
 
@@ -217,7 +217,8 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
                         color=colours[label.split("@")[0]], markersize=14 if label == "retrain" else 7, capsize=3,
                         label=label)
         ax.set(xlabel="RA = Acc(Dr) % (higher = better)", ylabel="UA = 100 - Acc(Df) % (higher = more forgotten)",
-               title=f"{KIND_NAMES[kind]} forgetting (mean ± std; Retrain = star, pruned = square)")
+               title=f"{KIND_NAMES[kind]} forgetting (mean ± std; Retrain = star"
+                     + (", from the OMP model = square)" if any("@" in r["label"] for r in rows) else ")"))
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: points stay visible
     fig.tight_layout()
