@@ -223,7 +223,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: points stay visible
     fig.tight_layout()
     written.append(out_dir / "ua_vs_ra.png")
-    fig.savefig(written[-1], dpi=110)
+    common.atomic_write(written[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
     labels = list(dict.fromkeys(r["label"] for r in rows if r["label"] != "original"))
@@ -237,7 +237,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(title)
     fig.tight_layout()
     written.append(out_dir / "cost.png")
-    fig.savefig(written[-1], dpi=110)
+    common.atomic_write(written[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return written
 
