@@ -385,11 +385,17 @@ def pruned_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if hasattr(m, "weight_mask")]
 
 
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Attach pruning masks (module name -> 0/1 tensor of the weight's shape); masked weights stay zero."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        prune.custom_from_mask(modules[name], "weight", mask.to(modules[name].weight.device).bool())
+
+
 def restore_masks(model: nn.Module, names: Iterable[str]) -> None:
     """Re-attach pruning masks (weight != 0) to the named layers of a loaded sparse model."""
     modules = dict(model.named_modules())
-    for name in names:
-        prune.custom_from_mask(modules[name], "weight", modules[name].weight.detach() != 0)
+    apply_masks(model, {name: modules[name].weight.detach() != 0 for name in names})
 
 
 def allow_regrowth(model: nn.Module) -> None:
@@ -454,9 +460,10 @@ def _lora_layer_classes():
 
 BN_CALIBRATION_IMAGES = 10_000  # Dr images whose statistics replace the dense model's after pruning
 
-LORA_DEFAULTS = {  # the PruneLoRA paper's settings (REFERENCE §3)
+LORA_DEFAULTS = {  # the PruneLoRA paper's settings (arXiv 2411.11907, Sec. 3)
     "resnet": dict(rank=8, alpha=16, dropout=0.1, targets=r".*layer\d+\.\d+\.conv\d+"),
-    "vit": dict(rank=16, alpha=32, dropout=0.0, targets="qkv,proj,fc1,fc2"),
+    # The blocks' attention and MLP linears: a bare "proj" suffix would also adapt patch_embed.proj.
+    "vit": dict(rank=16, alpha=32, dropout=0.0, targets=r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"),
 }
 
 
@@ -625,13 +632,15 @@ def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, ge
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None = None,
-            batch_size: int = 1024) -> torch.Tensor:
-    """Float32 logits for uint8 images, in eval mode, batch by batch, returned on the CPU."""
+            batch_size: int = 1024, fp32: bool = False) -> torch.Tensor:
+    """Float32 logits for uint8 images, in eval mode, batch by batch, returned on the CPU.
+
+    fp32=True computes them without bf16 autocast on CUDA too (evaluation: attacks read small differences)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        with autocast(device):
+        with autocast(device) if not fp32 else contextlib.nullcontext():
             out.append(model(normalize(x[start:start + batch_size].to(device), info, input_size)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, info.num_classes)
 
@@ -901,7 +910,8 @@ def add_adapt_args(parser: argparse.ArgumentParser, *, prune_method: str = "none
     g.add_argument("--lora-alpha", type=float, default=None, help="default: 16 for ResNets, 32 for ViTs")
     g.add_argument("--lora-dropout", type=float, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
     g.add_argument("--lora-targets", default=None,
-                   help="regex or comma-separated module-name suffixes (default: block convs; qkv,proj,fc1,fc2)")
+                   help="regex or comma-separated module-name suffixes (default: the residual blocks' convs; "
+                        "the ViT blocks' qkv, proj, fc1, fc2)")
     g.add_argument("--lora-head", action=argparse.BooleanOptionalAction, default=lora_head,
                    help="train the classifier head beside the adapters (default: %(default)s)")
     g.add_argument("--update-bn", action="store_true", help="let BatchNorm running statistics update in LoRA mode")
@@ -1056,6 +1066,7 @@ def finish_run(run: UnlearningRun, result: TrainResult, extra: dict | None = Non
                             config=vars(run.args), result=result, trainable_params=trainable,
                             overwrite=run.args.overwrite,
                             extra=dict(parent=str(run.args.model), quick_report=report,
+                                       source_pruned=bool(run.meta.get("pruned_modules")),
                                        sparsity_after_pruning=round(run.sparsity_after_pruning, 6), **(extra or {})))
     scope = "retained classes" if run.data.forget_class is not None else "whole test set"
     print(f"{run.method}: {result.wall_time_s:.1f}s, {trainable:,}/{saved['total_params']:,} params trained, "

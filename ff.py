@@ -1,11 +1,15 @@
 """FF (Fisher forgetting): add Gaussian noise scaled by the inverse diagonal Fisher information of the retain
-loss, so weights that matter little for Dr (and so mostly encode Df) are scrambled (Golatkar et al.; the
-Unlearn-Sparse baseline, REFERENCE §4). No training loop: one Fisher estimate, one noise draw.
+loss, so weights that matter little for Dr (and so mostly encode Df) are scrambled (Golatkar et al. 2020; the
+Unlearn-Sparse baseline, Jia et al. 2023, as its unlearn/fisher.py `fisher_new` runs it). No training loop:
+one Fisher estimate, one noise draw, for any dataset and class count (upstream hard-codes CIFAR-10 cases).
 
-    F_j = mean over retain samples x of  sum_y p(y|x) * (d log p(y|x) / d theta_j)^2
-    theta_j += sqrt(min(alpha / (F_j + eps), max_var)) * N(0, 1)
+    F_j   = mean over batches of Dr (eval mode) of  sum_y mean_batch(p_y) * (d CE_batch(y) / d theta_j)^2
+    var_j = alpha * min(1 / (F_j + eps), 1e3)       (1e2 for the classifier head)
+            averaged over each output row's inputs for matrices and kernels, x10 for the head and 1-D params
+    theta_j += sqrt(var_j) * N(0, 1)
 
-computed the same way for any dataset and class count. On a pruned model only the surviving weights move.
+Class-wise, the forgotten class's head row is reset to 0 with variance 1e-3 (upstream: 1e-4, then x10).
+On a pruned model only the surviving weights move (the mask multiplies the noisy weight).
 
     python ff.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 
@@ -19,33 +23,42 @@ import torch.nn.functional as F
 
 import common
 
-ALPHA = 1e-6  # noise scale; Golatkar et al. use 1e-6..1e-8 (README: what this does on our models)
+ALPHA = 1e-6  # noise scale; Golatkar et al. use 1e-6..1e-8
 EPS = 1e-8
-MAX_VAR = 1e-3  # clamp on the noise variance: weights with ~zero Fisher would otherwise get unbounded noise
-FISHER_SAMPLES = 1000  # retain images the Fisher is estimated on
-CHUNK = 64  # samples per vectorised per-sample-gradient call
-ZERO_FORGET_HEAD = True  # Golatkar et al.'s public code zeroes the forgotten class's classifier row (class-wise)
+MAX_VAR = 1e3  # clamp on 1 / (F + eps) before alpha: weights with ~zero Fisher would get unbounded noise
+MAX_VAR_HEAD = 1e2  # the classifier head's tighter clamp (upstream)
+SCALE_HEAD_AND_1D = 10.0  # upstream multiplies the variance of the head and of every 1-D parameter (BN) by 10
+FORGET_ROW_VAR = 1e-4  # class-wise: the forgotten class's head row becomes N(0, 1e-4 x 10)
+FISHER_BATCH = 32  # upstream estimates the Fisher from batch-mean gradients of batches of 32
+FISHER_SAMPLES = 0  # retain images the Fisher is estimated on; 0 = all of Dr (upstream)
+ZERO_FORGET_HEAD = True  # Golatkar et al.'s class-wise reset of the forgotten class's output row
 
 
-def sample_cross_entropy(logits, label):
-    return F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
-
-
-def retain_fisher(model, x, info, input_size, chunk):
-    """Diagonal Fisher of the retain loss: sum over classes of p_y * (grad log p_y)^2, averaged over samples."""
-    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
-    for start in range(0, len(x), chunk):
-        batch = common.normalize(x[start:start + chunk], info, input_size)
-        with torch.no_grad():
-            probs = F.softmax(model(batch).float(), 1)
+def retain_fisher(model, x, info, input_size, batch_size):
+    """Upstream's diagonal Fisher: per batch and class y, mean_batch(p_y) * (grad of the batch-mean CE to y)^2."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    n_batches = 0
+    for start in range(0, len(x), batch_size):
+        logits = model(common.normalize(x[start:start + batch_size], info, input_size)).float()
+        probs = F.softmax(logits.detach(), 1)
         for c in range(info.num_classes):
-            target = torch.full((len(batch),), c, device=batch.device)
-            # (grad of -log p_c)^2 = (grad of log p_c)^2: per-sample cross-entropy to class c
-            grads = common.per_sample_gradients(model, batch, target, sample_cross_entropy)
-            for n, g in grads.items():
-                weight = probs[:, c].view(-1, *[1] * (g.dim() - 1))
-                fisher[n] += (weight * g.pow(2)).sum(0)
-    return {n: f / len(x) for n, f in fisher.items()}
+            target = torch.full((len(logits),), c, device=logits.device)
+            grads = torch.autograd.grad(F.cross_entropy(logits, target), list(params.values()), retain_graph=True)
+            for f, g in zip(fisher.values(), grads):
+                f += probs[:, c].mean() * g.pow(2)
+        n_batches += 1
+    return {n: f / n_batches for n, f in fisher.items()}
+
+
+def noise_variance(fisher: torch.Tensor, alpha: float, eps: float, is_head: bool) -> torch.Tensor:
+    """Upstream's get_mean_var variance for one parameter tensor."""
+    var = alpha * (1 / (fisher + eps)).clamp(max=MAX_VAR_HEAD if is_head else MAX_VAR)
+    if var.ndim > 1:
+        var = var.mean(dim=1, keepdim=True).expand_as(var).clone()
+    if is_head or var.ndim == 1:
+        var = var * SCALE_HEAD_AND_1D
+    return var
 
 
 def main():
@@ -53,11 +66,11 @@ def main():
     g = parser.add_argument_group("Fisher forgetting")
     g.add_argument("--alpha", type=float, default=ALPHA, help="noise scale (default: %(default)s)")
     g.add_argument("--eps", type=float, default=EPS, help="added to the Fisher (default: %(default)s)")
-    g.add_argument("--max-var", type=float, default=MAX_VAR, help="noise variance clamp (default: %(default)s)")
-    g.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES, help="(default: %(default)s)")
-    g.add_argument("--chunk", type=int, default=CHUNK, help="(default: %(default)s)")
+    g.add_argument("--fisher-batch", type=int, default=FISHER_BATCH, help="(default: %(default)s)")
+    g.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES,
+                   help="Dr images for the Fisher; 0 = all (default: %(default)s)")
     g.add_argument("--zero-forget-head", action=argparse.BooleanOptionalAction, default=ZERO_FORGET_HEAD,
-                   help="class-wise: zero the forgotten class's head row (default: %(default)s)")
+                   help="class-wise: reset the forgotten class's head row (default: %(default)s)")
     args = parser.parse_args()
     # FF updates every weight in place: pruning and LoRA do not apply (a pruned input model keeps its mask).
     args.prune, args.allow_regrowth, args.lora, args.sparsity = "none", False, False, 0.0
@@ -66,20 +79,22 @@ def main():
     model, data = unlearning.model, unlearning.data
     model.eval()
     x_retain, _ = data.subset("retain")
-    pick = torch.randperm(len(x_retain), device=x_retain.device, generator=unlearning.gen)[:args.fisher_samples]
+    if args.fisher_samples:
+        x_retain = x_retain[torch.randperm(len(x_retain), device=x_retain.device,
+                                           generator=unlearning.gen)[:args.fisher_samples]]
     start = time.perf_counter()
-    fisher = retain_fisher(model, x_retain[pick], data.info, unlearning.input_size, args.chunk)
-    head = common.classifier_name(model)
+    fisher = retain_fisher(model, x_retain, data.info, unlearning.input_size, args.fisher_batch)
+    head = common.classifier_name(model) + "."
+    forget_row = data.forget_class if args.zero_forget_head else None
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in fisher:
-                std = (args.alpha / (fisher[name] + args.eps)).clamp(max=args.max_var).sqrt()
-                p.add_(std * torch.randn(p.shape, device=p.device, generator=unlearning.gen))
-        if args.zero_forget_head and data.forget_class is not None:
-            # Golatkar et al.'s class-wise step: the forgotten class's output row is reset to zero.
-            for name, p in model.named_parameters():
-                if name.startswith(head + "."):
-                    p[data.forget_class] = 0.0
+            if name not in fisher:
+                continue
+            var = noise_variance(fisher[name], args.alpha, args.eps, name.startswith(head))
+            if name.startswith(head) and forget_row is not None:
+                p[forget_row] = 0.0
+                var[forget_row] = FORGET_ROW_VAR * SCALE_HEAD_AND_1D
+            p.add_(var.sqrt() * torch.randn(p.shape, device=p.device, generator=unlearning.gen))
     result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(unlearning.device), [])
     common.finish_run(unlearning, result)
 

@@ -12,7 +12,7 @@ output path. The Unlearn-Sparse FT baseline is the same script with its settings
 """
 import common
 
-# The PruneLoRA paper's fine-tuning settings (REFERENCE §3).
+# The PruneLoRA paper's fine-tuning settings (arXiv 2411.11907, Sec. 3).
 EPOCHS = 5  # 10 for some reported checkpoints
 LR = 1e-3
 BATCH_SIZE = 128

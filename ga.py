@@ -10,7 +10,7 @@ Works on dense or pruned (prune.py) models, masks kept; --lora adapts through Lo
 """
 import common
 
-# Unlearn-Sparse settings (REFERENCE §4): SGD momentum 0.9, wd 5e-4, batch 256, augmentation, 5 epochs.
+# Unlearn-Sparse settings (Jia et al. 2023, App. C): SGD momentum 0.9, wd 5e-4, batch 256, augmentation, 5 epochs.
 EPOCHS = 5
 LR = 1e-4  # the Unlearn-Sparse README's value; its maintainers later advised 5e-4..1e-3 (README: what works here)
 BATCH_SIZE = 256

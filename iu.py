@@ -1,6 +1,6 @@
 """IU (influence unlearning): one Newton step from the trained weights towards the retain-only optimum,
 theta += alpha * H^-1 v, with H the damped empirical Fisher of the retain loss (Unlearn-Sparse's baseline,
-REFERENCE §4; Koh & Liang's influence functions).
+Jia et al. 2023, App. C; Koh & Liang's influence functions).
 
     v = (n_f / n) * (mean_grad(Df) - mean_grad(Dr)),    n = n_f + n_r
 
@@ -26,7 +26,7 @@ import common
 
 ALPHA = 1.0  # step size along H^-1 v (1 = the Newton step)
 DAMPING = 0.3  # lambda in H = lambda I + G^T G / m; smaller = bigger steps (0.1 already wrecks resnet_tiny)
-FISHER_SAMPLES = 1000  # per-sample retain gradients in G (REFERENCE: ~1,000)
+FISHER_SAMPLES = 1000  # per-sample retain gradients in G (Jia et al. 2023: ~1,000)
 BATCH_SIZE = 256  # for the mean gradients
 CHUNK = 64  # samples per vectorised per-sample-gradient call
 

@@ -1,5 +1,5 @@
 """l1-sparse: fine-tune on Dr with cross-entropy plus a_t * sum|theta|, a_t decaying linearly from --alpha to 0
-over the run (Unlearn-Sparse's sparsity-aware unlearning, REFERENCE §4).
+over the run (Unlearn-Sparse's sparsity-aware unlearning, Jia et al. 2023, Sec. 4).
 
     python l1sparse.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 
@@ -8,7 +8,8 @@ The penalty covers the trained parameters (all of them, or the adapters + head w
 """
 import common
 
-# Unlearn-Sparse settings (REFERENCE §4): SGD momentum 0.9, wd 5e-4, batch 256, augmentation, lr 0.01, 10 epochs.
+# Unlearn-Sparse settings (Jia et al. 2023, App. C): SGD momentum 0.9, wd 5e-4, batch 256, augmentation, lr 0.01,
+# 10 epochs.
 EPOCHS = 10
 LR = 0.01
 BATCH_SIZE = 256

@@ -1,7 +1,7 @@
 """Train the original model on the training split, or with --retrain the Retrain reference on Dr only.
 
 Retrain (same recipe, same seed, forget set removed) is exact unlearning: every method is judged by how
-close it gets to it. Recipes per architecture follow REFERENCE §2; any flag overrides its recipe value.
+close it gets to it. Recipes per architecture are the papers' (cited at RECIPES); any flag overrides its recipe value.
 
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3 --retrain --forget-class 3
@@ -17,15 +17,16 @@ import torch.nn.functional as F
 
 import common
 
-# Training recipes (REFERENCE §2). The CPU-sized ones are ours, tuned for the Fashion-MNIST demo.
+# Training recipes of the papers. The CPU-sized ones are ours, for the Fashion-MNIST demo and profiles.
 RECIPES = {
     # PruneLoRA paper, ResNet-50: SGD 0.1, momentum 0.9, wd 5e-4, cosine, 200 epochs, batch 128, crop+flip
     "resnet50": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="cosine", epochs=200, batch_size=128),
     # Unlearn-Sparse ResNet-18: SGD 0.1, wd 5e-4, 182 epochs, x0.1 at 91 and 136 (50%/75%), batch 256
     "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="step", epochs=182, batch_size=256),
     # PruneLoRA paper, ViT-S/4: AdamW 1e-3, wd 0.1 on matrices, 10k warm-up + cosine, 90 epochs, clip 1, MixUp 0.2
+    # (no label smoothing is stated, so none: timm's Mixup would otherwise add 0.1 silently)
     "vit_small": dict(optimizer="adamw", lr=1e-3, weight_decay=0.1, schedule="cosine", warmup_steps=10_000,
-                      epochs=90, batch_size=128, grad_clip=1.0, mixup=0.2),
+                      epochs=90, batch_size=128, grad_clip=1.0, mixup=0.2, label_smoothing=0.0),
     # ImageNet ViT-B/16 fine-tuned at 224 px for a few epochs (the pre-trained route)
     "vit_base": dict(optimizer="sgd", lr=0.01, weight_decay=0.0, schedule="cosine", epochs=3, batch_size=64,
                      grad_clip=1.0),
@@ -34,7 +35,7 @@ RECIPES = {
     "vit_tiny": dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=200,
                      epochs=5, batch_size=128, grad_clip=1.0),
 }
-RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, augment=True)
+RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, label_smoothing=0.0, augment=True)
 
 
 def parse_args():
@@ -44,6 +45,9 @@ def parse_args():
                                      epilog="recipe defaults per architecture:\n" + recipes)
     parser.add_argument("--arch", default="resnet50", help=f"one of {', '.join(common.ARCHS)} (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train the Retrain reference on Dr only")
+    parser.add_argument("--mask-from", default=None, metavar="SPARSE_CKPT",
+                        help="with --retrain: hold this sparse (prune.py) model's mask fixed from the random "
+                             "initialisation on, the exact reference for unlearning that sparse model")
     parser.add_argument("--pretrained-weights", default=None, help="local ImageNet weights file for vit_base")
     common.add_data_args(parser)
     common.add_forget_args(parser)
@@ -57,6 +61,7 @@ def parse_args():
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off")
     g.add_argument("--mixup", type=float, help="MixUp alpha; 0 = off")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the targets, with or without MixUp")
     g.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes"), help="random crop + flip (true/false)")
     common.add_run_args(parser)
     args = parser.parse_args()
@@ -66,6 +71,8 @@ def parse_args():
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.mask_from and not args.retrain:
+        raise common.UserError("--mask-from trains a sparse Retrain: give --retrain too")
     return args
 
 
@@ -76,6 +83,12 @@ def param_groups(model, weight_decay, matrices_only):
         return [dict(params=params, weight_decay=weight_decay)]
     return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
+
+
+def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
+    """timm's batch MixUp with the recipe's label smoothing (timm's own default would add 0.1 silently)."""
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=alpha, num_classes=num_classes, label_smoothing=label_smoothing)
 
 
 def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch: int = 0,
@@ -99,10 +112,7 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
                                       start_step=start_epoch * steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    mixup = None
-    if args.mixup:
-        from timm.data import Mixup
-        mixup = Mixup(mixup_alpha=args.mixup, num_classes=info.num_classes)
+    mixup = make_mixup(args.mixup, info.num_classes, args.label_smoothing) if args.mixup else None
 
     def loss_fn(model, batch):
         x, y = batch
@@ -112,7 +122,7 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
         if mixup is not None:
             x, soft = mixup(x, y)
             return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
 
     def validate(epoch):
         return dict(val_acc=round(common.accuracy(common.predict(model, x_val, info, input_size), y_val), 3))
@@ -122,6 +132,24 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
         lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True),
         loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip,
         after_epoch=validate if len(y_val) else None, desc=desc)
+
+
+def mask_of(path: str, arch: str, data: common.Data) -> dict:
+    """The pruning masks of a sparse checkpoint of the same architecture and train/val split."""
+    source, meta = common.load_checkpoint(path, "cpu", expect_arch=arch)
+    if not meta.get("pruned_modules"):
+        raise common.UserError(f"--mask-from {path} is not a sparse model (it has no pruned layers)")
+    for key in ("dataset", "val_fraction", "split_seed", "train_subset"):
+        if meta["data"][key] != data.spec[key]:
+            raise common.UserError(f"--mask-from {path} was trained on another split ({key} {meta['data'][key]} "
+                                   f"vs {data.spec[key]})")
+    return {name: m.weight_mask for name, m in source.named_modules() if hasattr(m, "weight_mask")}
+
+
+def fit_accuracy(model, args, data: common.Data) -> float:
+    """Accuracy on the images the model was trained on (eval mode, no augmentation): has it converged?"""
+    x_fit, y_fit = data.subset("retain" if args.retrain else "train")
+    return common.accuracy(common.predict(model, x_fit, data.info, common.ARCHS[args.arch].input_size), y_fit)
 
 
 def test_accuracy(model, args, data: common.Data) -> float:
@@ -138,21 +166,29 @@ def main():
     forget = common.forget_kwargs(args) if args.retrain else None
     data = common.data_from_args(args, device, forget)
     method = "retrain" if args.retrain else "original"
-    out = common.check_writable(args.out or common.default_output(args.out_dir, data, args.arch, method, args.seed),
+    name = "retrain-sparse" if args.mask_from else method
+    out = common.check_writable(args.out or common.default_output(args.out_dir, data, args.arch, name, args.seed),
                                 args.overwrite)
 
-    model = common.prepare_model(common.build_model(args.arch, data.info, args.pretrained_weights), device)
+    model = common.build_model(args.arch, data.info, args.pretrained_weights)
+    if args.mask_from:
+        common.apply_masks(model, mask_of(args.mask_from, args.arch, data))
+    model = common.prepare_model(model, device)
     result = train_recipe(model, args, data, device, method)
 
     test_acc = test_accuracy(model, args, data)
     val_acc = result.history[-1].get("val_acc", float("nan"))
+    train_acc = fit_accuracy(model, args, data)
     common.save_checkpoint(model, out, arch=args.arch, method=method, data=data, config=vars(args), result=result,
                            trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
-                           extra=dict(val_acc=val_acc, test_acc=round(test_acc, 3)))
+                           extra=dict(train_acc=round(train_acc, 3), val_acc=val_acc, test_acc=round(test_acc, 3)))
     scope = "retained-class " if args.retrain and data.forget_class is not None else ""
     n_fit = len(data.retain if args.retrain else data.train)
-    print(f"{method}: {args.arch} on {n_fit} {data.name} images, {args.epochs} epochs in "
-          f"{result.wall_time_s:.1f}s; {scope}val acc {val_acc:.2f}%, {scope}test acc {test_acc:.2f}% -> {out}")
+    mask = f", sparsity {common.sparsity(model, common.ARCHS[args.arch].family):.4f} (mask of {args.mask_from})" \
+        if args.mask_from else ""
+    print(f"{name}: {args.arch} on {n_fit} {data.name} images, {args.epochs} epochs in "
+          f"{result.wall_time_s:.1f}s; train acc {train_acc:.2f}%, {scope}val acc {val_acc:.2f}%, "
+          f"{scope}test acc {test_acc:.2f}%{mask} -> {out}")
 
 
 if __name__ == "__main__":

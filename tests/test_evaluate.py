@@ -58,8 +58,8 @@ def finetuned(original, data_dir, workdir):
 
 def test_evaluate_end_to_end_class_wise(original, retrain, finetuned, data_dir, tmp_path):
     js, md = tmp_path / "rows.json", tmp_path / "table.md"
-    proc = run_script("evaluate.py", original, finetuned, "--retrain", retrain, "--data-dir", data_dir,
-                      "--json", js, "--md", md)
+    proc = run_script("evaluate.py", original, finetuned, "--retrain", retrain, "--mia-draws", "2",
+                      "--data-dir", data_dir, "--json", js, "--md", md)
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "finetune"]
     assert rows["retrain"]["UA"] == 100 and rows["retrain"]["FTA"] == 0 and rows["retrain"]["avg_gap"] == 0
@@ -76,7 +76,7 @@ def test_evaluate_random_sample_forgetting(original, retrain_random, data_dir, w
     run_script("finetune.py", "--model", original, "--forget-random", "300", "--epochs", "1", "--data-dir", data_dir,
                "--out", ft)
     js = tmp_path / "rows.json"
-    run_script("evaluate.py", ft, "--retrain", retrain, "--data-dir", data_dir, "--json", js)
+    run_script("evaluate.py", ft, "--retrain", retrain, "--mia-draws", "2", "--data-dir", data_dir, "--json", js)
     rows = json.loads(js.read_text())["rows"]
     assert all(r["FTA"] is None for r in rows)
     data = common.data_from_spec(common.read_sidecar(ft)["data"], data_dir, "cpu")

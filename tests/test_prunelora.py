@@ -1,4 +1,4 @@
-"""The four PruneLoRA methods, and the seed code's defects that must not come back (REFERENCE §3)."""
+"""The four PruneLoRA methods, and the seed code's defects that must not come back (arXiv 2411.11907)."""
 import argparse
 import json
 import re
@@ -43,7 +43,7 @@ def test_every_lora_adapter_gets_a_gradient(arch, prune_method, original, origin
 def test_lora_trains_about_2_5_percent_of_resnet50():
     model = _lora_model(common.build_model("resnet50", common.DATASETS["cifar10"]), "resnet50")
     trainable, total = common.count_params(model)
-    assert 2.3 < 100 * trainable / total < 2.7  # REFERENCE §3: 2.5% trainable
+    assert 2.3 < 100 * trainable / total < 2.7  # the PruneLoRA paper: 2.5% trainable
 
 
 def test_masked_lora_merge_equals_the_trained_function_and_keeps_the_zeros(original):
@@ -147,8 +147,8 @@ def test_no_recalibrate_bn_keeps_the_dense_statistics_after_pruning(original, da
 
 def test_evaluate_compares_the_four_methods_with_retrain(four_methods, original, retrain, data_dir, tmp_path):
     js = tmp_path / "rows.json"
-    run_script("evaluate.py", original, *four_methods.values(), "--retrain", retrain, "--data-dir", data_dir,
-               "--json", js)
+    run_script("evaluate.py", original, *four_methods.values(), "--retrain", retrain, "--mia-draws", "2",
+               "--data-dir", data_dir, "--json", js)
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "finetune", "pruneft", "lora", "loraprune"]
     for method in four_methods:

@@ -5,19 +5,26 @@ from conftest import run_script
 
 
 def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
-    first = run_script("reproduce.py", "--profile", "smoke", "--out-root", tmp_path, "--data-dir", data_dir)
+    flags = ["--profile", "smoke", "--out-root", tmp_path, "--data-dir", data_dir, "--mia-draws", "2"]
+    first = run_script("reproduce.py", *flags)
     out = tmp_path / "smoke"
     for name in ("results.csv", "table.md", "ua_vs_ra.png", "cost.png"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["label"] for r in rows] == ["retrain", "original", "finetune", "loraprune"]
-    assert float(rows[0]["avg_gap"]) == 0 and float(rows[0]["UA"]) == 100
+    # Three Retrain seeds (the floor), and the OMP model's rows scored against the Retrain with its mask.
+    assert [r["label"] for r in rows] == ["retrain", "retrain-floor", "original", "finetune", "loraprune",
+                                          "retrain-sparse@omp50", "original@omp50", "finetune@omp50",
+                                          "loraprune@omp50"]
+    assert float(rows[0]["avg_gap"]) == 0 and float(rows[0]["UA"]) == 100 and float(rows[1]["avg_gap"]) > 0
+    assert {r["reference"] for r in rows if "@omp50" in r["label"]} == {"retrain-sparse"}
+    assert {r["reference"] for r in rows[:5]} == {"retrain"}
     table = (out / "table.md").read_text()
     assert "| retrain |" in table and "| loraprune |" in table and "higher = more forgotten" in table
-    assert first.stdout.count("done in") == 4
+    assert "Retrain-vs-Retrain floor" in table and "| retrain-floor |" in table
+    assert first.stdout.count("done in") == 10
 
-    again = run_script("reproduce.py", "--profile", "smoke", "--out-root", tmp_path, "--data-dir", data_dir)
-    assert again.stdout.count("skipped (exists)") == 4 and "done in" not in again.stdout
+    again = run_script("reproduce.py", *flags)
+    assert again.stdout.count("skipped (exists)") == 10 and "done in" not in again.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
 
     # --report-only rebuilds the table and plots from results.csv alone, running and evaluating nothing.
@@ -40,3 +47,26 @@ def test_bench_quick_mode_prints_the_loop_ratio():
     proc = run_script("bench.py", "--quick", "--device", "cpu", "--archs", "resnet_tiny,vit_tiny")
     assert "loop/raw ratio" in proc.stdout and "| vit_tiny | loraprune |" in proc.stdout
     assert "skipped: needs CUDA" in proc.stdout
+
+
+def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(tmp_path):
+    import reproduce
+    profile = dict(reproduce.PROFILES["cpu-fashion-sparse"], forgets=[["--forget-class", "3"]])
+    runs, groups = reproduce.plan_tuning(profile, ["ga", "rl"], [0], tmp_path)
+    (group,) = groups
+    assert [m for m, _ in group["candidates"].values()] == ["ga"] * 2  # rl is not tuned
+    assert all(g["floor"] is None for g in groups)
+    gaps = {"ga --lr 1e-4": 1.0, "ga --lr 5e-4": 1.0}  # a tie: the earlier candidate (the default) wins
+    rows = [dict(arch="resnet_tiny", forget="class3", label=label, avg_gap=gap, UA=0.0, TA=0.0)
+            for label, gap in gaps.items()]
+    chosen, table = reproduce.select_settings(rows, groups)
+    assert chosen == {("ga", "class"): ["--lr", "1e-4"]}
+    assert [r["chosen"] for r in table] == [True, False]
+    rows[1]["avg_gap"] = 0.5
+    chosen, table = reproduce.select_settings(rows, groups)
+    assert chosen == {("ga", "class"): ["--lr", "5e-4"]} and [r["chosen"] for r in table] == [False, True]
+    grid, _ = reproduce.plan(profile, ["ga"], [0], tmp_path, chosen)
+    ga_runs = [r for r in grid if r["cmd"][0] == "ga.py"]
+    assert {r["out"].name for r in ga_runs} == {"class3_ga-lr-5e-4_s0.safetensors",
+                                                "class3_ga@omp50-lr-5e-4_s0.safetensors".replace("@", "_")}
+    assert all(r["cmd"][r["cmd"].index("--lr") + 1] == "5e-4" for r in ga_runs)
