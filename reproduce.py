@@ -166,6 +166,8 @@ def select_settings(tuning_rows: list[dict], groups: list[dict]) -> tuple[dict, 
         rows = {r["label"]: r for r in tuning_rows if r["forget"] == group["forget"] and r["arch"] == group["arch"]}
         for method in dict.fromkeys(m for m, _ in group["candidates"].values()):
             candidates = [(label, flags) for label, (m, flags) in group["candidates"].items() if m == method]
+            if not candidates:
+                continue  # every candidate failed: the grid runs the script's own default (and fails alike)
             best_label, best_flags = min(candidates, key=lambda c: rows[c[0]]["avg_gap"])  # min keeps the first tie
             chosen[(method, kind)] = best_flags
             table += [dict(arch=group["arch"], forget=group["forget"], method=method, setting=" ".join(flags),
@@ -445,12 +447,21 @@ def main():
 
     start = time.perf_counter()
 
-    def execute_all(runs):
+    def execute_all(runs, candidates=False) -> set:
+        """Run in order; a failed tuning candidate (e.g. a learning rate that diverges) is dropped, not fatal."""
+        failed = set()
         for i, run in enumerate(runs, 1):
             run["out"].parent.mkdir(parents=True, exist_ok=True)
-            status = execute(run, args.data_dir, args.device)
+            try:
+                status = execute(run, args.data_dir, args.device)
+            except common.UserError as err:
+                if not (candidates and run["kind"] == "method"):
+                    raise
+                failed.add(run["out"])
+                status = f"FAILED, candidate dropped ({err})"
             print(f"[{i}/{len(runs)}] {run['out'].name}: {status} ({time.perf_counter() - start:.0f}s total)",
                   flush=True)
+        return failed
 
     import evaluate
     mia_draws = args.mia_draws or evaluate.MIA_DRAWS
@@ -460,7 +471,10 @@ def main():
         chosen = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         if tune_groups:
-            execute_all(tune_runs)
+            failed = execute_all(tune_runs, candidates=True)
+            for group in tune_groups:
+                for label in [label for label, out in group["methods"].items() if out in failed]:
+                    del group["methods"][label], group["candidates"][label]
             tuning_rows = evaluate_grid(tune_groups, args.data_dir, args.device, mia_draws, split="val")
             chosen, table = select_settings(tuning_rows, tune_groups)
             report = selection_report(table)
