@@ -68,7 +68,8 @@ def main():
     if meta["method"] != "original" or meta.get("pruned_modules"):
         raise common.UserError(f"{args.model} is not a dense original model (method {meta['method']}); "
                                "prune pretrain.py's output")
-    recipe = argparse.Namespace(**meta["config"])
+    # Recipe keys added since the original was trained take their defaults (what that run used).
+    recipe = argparse.Namespace(**dict(pretrain.RECIPE_DEFAULTS, **meta["config"]))
     if args.rewind_epoch is None:
         args.rewind_epoch = default_rewind_epoch(recipe.epochs)
     if not 0 <= args.rewind_epoch < recipe.epochs:
