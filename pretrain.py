@@ -61,7 +61,7 @@ def parse_args():
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off")
     g.add_argument("--mixup", type=float, help="MixUp alpha; 0 = off")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of the targets, with or without MixUp")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the targets (with or without MixUp)")
     g.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes"), help="random crop + flip (true/false)")
     common.add_run_args(parser)
     args = parser.parse_args()

@@ -82,7 +82,8 @@ PROFILES = {
     "unlearn-sparse-cifar10": dict(  # Unlearn-Sparse: ResNet-18, class 0 and random 10%, OMP 50%/95%; GPU
         dataset="cifar10", archs=["resnet18"], pretrain=[],
         forgets=[["--forget-class", "0"], ["--forget-random", "4500"]], seeds=[0],
-        methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5, 0.95], tune=["ga", "ff", "iu", "l1sparse"]),
+        methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5, 0.95],
+        tune=["ga", "ff", "iu", "l1sparse"]),
     "smoke": dict(  # seconds-sized, for the tests
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "1", "--train-subset", "2000"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "loraprune"], omp=[0.5],
