@@ -317,7 +317,10 @@ def evaluate_checkpoints(paths: list[str], retrain: str | None = None, *, sparse
             reference, other = (sparse, dense) if use_sparse else (dense, sparse)
             row["reference"] = "retrain-sparse" if use_sparse else "retrain"
             row.update(_distances(row, logits_of[row["path"]], by_path[reference], logits_of[reference]))
-            row["avg_gap_other"] = avg_gap(row, by_path[other]) if other else None
+            # The other reference matters for sparse models: a sparse start scored against Retrain too, and a model
+            # pruned during unlearning against the Retrain that has its sparsity.
+            sparse_model = bool(row["sparsity"]) or use_sparse
+            row["avg_gap_other"] = avg_gap(row, by_path[other]) if other and sparse_model else None
         floor_gaps = [r["avg_gap"] for r in rows if references.get(r["path"]) == "--floor"]
         for row in rows:
             row["within_floor"] = (row["avg_gap"] <= max(floor_gaps)) if floor_gaps and row["path"] not in references \
