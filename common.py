@@ -727,28 +727,34 @@ def _lock_path(path: Path) -> Path:
 
 
 def _claim(path: Path) -> None:
-    """Create path's lock file exclusively (O_EXCL), or fail if a live process holds it; a dead one's is taken."""
+    """Take path's lock file, or fail if a live process holds it; a dead process's lock is taken over.
+
+    The lock appears with its owner's pid already in it (a hard link of a finished temp file: create-or-fail)."""
     lock = _lock_path(path)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
+    try:
+        mine.write_text(str(os.getpid()))
+        for _ in range(2):
             try:
-                pid = int(lock.read_text() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid == os.getpid():
-                return
-            if pid and _alive(pid):
-                raise UserError(f"{path} is being written by another run (pid {pid}); wait for it or choose --out")
-            lock.unlink(missing_ok=True)  # left by a run that died: take it over
-            continue
-        except OSError as err:
-            raise UserError(f"cannot write to {path.parent} ({err.strerror})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(lock.unlink, missing_ok=True)
-        return
+                os.link(mine, lock)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text())
+                except (OSError, ValueError):
+                    pid = 0
+                if pid == os.getpid():
+                    return
+                if pid and _alive(pid):
+                    raise UserError(f"{path} is being written by another run (pid {pid}); wait for it or "
+                                    "choose another --out") from None
+                lock.unlink(missing_ok=True)  # left by a run that died: take it over
+                continue
+            atexit.register(lock.unlink, missing_ok=True)
+            return
+    except OSError as err:
+        raise UserError(f"cannot write to {path.parent} ({err.strerror})") from None
+    finally:
+        mine.unlink(missing_ok=True)
     raise UserError(f"cannot claim {path}: another run keeps taking its lock {lock}")
 
 
