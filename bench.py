@@ -198,7 +198,7 @@ def markdown(figures: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=common.device_name, default="auto", help="(default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny step counts: checks that it runs")
     parser.add_argument("--steps", type=common.positive_int, default=None,

@@ -969,6 +969,13 @@ def _vit_base_skeleton(info: DatasetInfo) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------
 # Command line: flags shared by every stage, grouped as timm does.
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `prog: error: ...` on stderr, exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _number(kind, name: str, ok: Callable[[float], bool]):
     """An argparse type: a finite number of `kind` for which ok(value) holds; argparse reports anything else."""
     def parse(text: str):
@@ -1034,7 +1041,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def unlearn_parser(doc: str) -> argparse.ArgumentParser:
     """Parser with the flags every unlearning script shares: the model to unlearn, the forget set, the run."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint of the original model (pretrain.py's output)")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
     add_forget_args(parser)

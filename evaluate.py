@@ -375,7 +375,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints to compare (.safetensors with sidecars)")
     g = parser.add_argument_group("references")
     g.add_argument("--retrain", default=None, help="the Retrain checkpoint of the same forget set and recipe")

@@ -41,7 +41,7 @@ RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, label_smoothing
 def parse_args():
     recipes = "\n".join(f"  {arch}: " + ", ".join(f"{k}={v}" for k, v in dict(RECIPE_DEFAULTS, **r).items())
                          for arch, r in RECIPES.items())
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="recipe defaults per architecture:\n" + recipes)
     parser.add_argument("--arch", default="resnet50", help=f"one of {', '.join(common.ARCHS)} (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train the Retrain reference on Dr only")

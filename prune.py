@@ -45,7 +45,7 @@ def rewind(model, state: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dense original checkpoint (pretrain.py output)")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
     g = parser.add_argument_group("pruning")

@@ -449,7 +449,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the profile's methods")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
