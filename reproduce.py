@@ -227,13 +227,13 @@ def plan(profile: dict, methods: list[str], seeds: list[int], ckpt: Path,
 
 def stale_reason(run: dict) -> str | None:
     """Why a finished checkpoint at run["out"] is not this run's: made by other flags (its sidecar's argv), or
-    unreadable. None when it is this run's own result."""
+    unreadable. None when it is this run's own result (or predates the argv record)."""
     try:
         argv = common.read_sidecar(run["out"]).get("argv")
     except common.UserError as err:
         return str(err)
     if argv is None:
-        return "its sidecar does not record the flags that made it"
+        return None  # made before sidecars recorded argv: trusted, as its path encodes the profile's flags
     planned = [str(a) for a in run["cmd"][1:]]
     kept = [a for i, a in enumerate(argv) if a not in PLUMBING_FLAGS + PLUMBING_OPTIONS
             and (i == 0 or argv[i - 1] not in PLUMBING_OPTIONS)]
