@@ -453,6 +453,8 @@ def main():
     parser.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the profile's methods")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
+    parser.add_argument("--forgets", default=None,
+                        help="comma-separated subset of the profile's forget settings, e.g. class3,random1200")
     parser.add_argument("--out-root", default="results", help="(default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="(default: %(default)s)")
     parser.add_argument("--device", type=common.device_name, default="auto", help="(default: %(default)s)")
@@ -467,6 +469,12 @@ def main():
     if args.profile not in PROFILES:
         raise common.UserError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[args.profile]
+    if args.forgets:
+        tags = [forget_tag(f) for f in profile["forgets"]]
+        wanted = args.forgets.split(",")
+        if not set(wanted) <= set(tags):
+            raise common.UserError(f"--forgets {args.forgets}: the profile's forget settings are {', '.join(tags)}")
+        profile = dict(profile, forgets=[f for f in profile["forgets"] if forget_tag(f) in wanted])
     methods = args.methods.split(",") if args.methods else profile["methods"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
