@@ -198,16 +198,18 @@ def markdown(figures: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="(default: %(default)s)")
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=common.device_name, default="auto", help="(default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny step counts: checks that it runs")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=common.positive_int, default=None,
                         help="timed steps per method after one warm-up step (default: 3 on CPU, 20 on CUDA, 1 quick)")
     parser.add_argument("--archs", default=ARCHS, help="comma-separated architectures (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write all figures as JSON here")
     parser.add_argument("--md", default=None, help="write the markdown summary here")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--md files")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: ARCH:METHOD[:fp32] in a subprocess
     args = parser.parse_args()
+    common.check_output_files((args.json, args.md), args.overwrite)
     device = common.pick_device(args.device)
     steps = args.steps or (1 if args.quick else 20 if device.type == "cuda" else 3)
     if steps < 1:
@@ -252,7 +254,6 @@ def main():
     print(summary)
     for path, text in ((args.json, json.dumps(figures, indent=1)), (args.md, summary)):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             common.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
             print(f"wrote {path}")
     print(f"bench on {figures['device']}: loop/raw ratio {figures['loop_overhead']['ratio']}")

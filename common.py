@@ -3,6 +3,7 @@ the training loop, inference, checkpoint I/O and seeding. A method's own objecti
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -90,7 +91,7 @@ def _copy_debian_fashion_mnist(root: Path) -> None:
         return
     raw.mkdir(parents=True, exist_ok=True)
     for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-        tmp = raw / (gz.stem + ".tmp")
+        tmp = raw / f".{gz.stem}.tmp{os.getpid()}"  # per process: two first runs may unpack at once
         with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(tmp, raw / gz.stem)
@@ -215,11 +216,15 @@ def make_data(dataset: str, data_dir: str | Path, device: torch.device | str = "
 
 
 def data_from_spec(spec: dict, data_dir: str | Path, device: torch.device | str) -> Data:
-    """Rebuild the exact splits recorded in a sidecar's "data" entry."""
-    return make_data(spec["dataset"], data_dir, device, val_fraction=spec["val_fraction"],
+    """Rebuild the exact splits recorded in a sidecar's "data" entry; its forget hash, if any, must match them."""
+    data = make_data(spec["dataset"], data_dir, device, val_fraction=spec["val_fraction"],
                      split_seed=spec["split_seed"], train_subset=spec["train_subset"],
                      forget_class=spec["forget_class"], forget_random=spec["forget_random"],
                      forget_seed=spec["forget_seed"] or 0)
+    if spec.get("forget_hash") and spec["forget_hash"] != data.forget_hash:
+        raise UserError(f"a sidecar's forget hash {spec['forget_hash']} does not match the forget set its split "
+                        f"spec describes ({data.forget_hash}): the sidecar was edited or corrupted")
+    return data
 
 
 def augment(x: torch.Tensor, info: DatasetInfo, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -717,13 +722,91 @@ def default_output(out_dir: str | Path, data: Data, arch: str, method: str, seed
     return Path(out_dir) / f"{data.name}_{arch}_{forget}_{method}_s{seed}.safetensors"
 
 
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _claim(path: Path) -> None:
+    """Take path's lock file, or fail if a live process holds it; a dead process's lock is taken over.
+
+    The lock appears with its owner's pid already in it (a hard link of a finished temp file: create-or-fail)."""
+    lock = _lock_path(path)
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
+    try:
+        mine.write_text(str(os.getpid()))
+        for _ in range(2):
+            try:
+                os.link(mine, lock)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text())
+                except (OSError, ValueError):
+                    pid = 0
+                if pid == os.getpid():
+                    return
+                if pid and _alive(pid):
+                    raise UserError(f"{path} is being written by another run (pid {pid}); wait for it or "
+                                    "choose another --out") from None
+                lock.unlink(missing_ok=True)  # left by a run that died: take it over
+                continue
+            atexit.register(lock.unlink, missing_ok=True)
+            return
+    except OSError as err:
+        raise UserError(f"cannot write to {path.parent} ({err.strerror})") from None
+    finally:
+        mine.unlink(missing_ok=True)
+    raise UserError(f"cannot claim {path}: another run keeps taking its lock {lock}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def finished(path: str | Path) -> bool:
+    """A checkpoint is finished when its weights and its sidecar (written last) are both there."""
+    return Path(path).is_file() and sidecar_path(path).is_file()
+
+
+def check_output_files(paths: Iterable[str | Path | None], overwrite: bool) -> list[Path]:
+    """Report files (JSON, markdown, CSV) checked before any work: distinct, absent unless overwrite, writable."""
+    paths = [Path(p) for p in paths if p]
+    if len(set(paths)) < len(paths):
+        raise UserError(f"two outputs name the same file ({', '.join(map(str, paths))})")
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise UserError(f"output {path} exists and is not a regular file")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {path.parent} ({err.strerror})") from None
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(f"cannot write to {path.parent}")
+    return paths
+
+
 def check_writable(path: str | Path, overwrite: bool) -> Path:
-    """Fail early if an output exists (unless overwrite) or its name is not a .safetensors file."""
+    """Claim an output before any work: a .safetensors name in a writable folder, nothing there yet (unless
+    overwrite: even the leftovers of a killed run are kept until asked), and no other live run writing it."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"output {path} must end in .safetensors")
+    if path.exists() and not path.is_file():
+        raise UserError(f"output {path} exists and is not a regular file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {path.parent} ({err.strerror})") from None
     if not overwrite and (path.exists() or sidecar_path(path).exists()):
         raise UserError(f"{path} exists; pass --overwrite to replace it")
+    _claim(path)
     return path
 
 
@@ -764,16 +847,37 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_LIMIT = 1e4  # |weight| beyond this is a diverged run: trained weights of these networks stay below ~100
+
+
+def check_weights(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse non-finite or exploded weights (BatchNorm running statistics are exempt from the bound)."""
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{what}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}): the run diverged; "
+                        "lower the learning rate or the noise scale")
+    big = [k for k, v in floats.items() if not k.endswith(("running_mean", "running_var"))
+           and len(v) and float(v.abs().max()) > WEIGHT_LIMIT]
+    if big:
+        raise UserError(f"{what}: weights beyond |{WEIGHT_LIMIT:g}| (first: {big[0]}): the run diverged; "
+                        "lower the learning rate")
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: str, data: Data, config: dict,
                     result: TrainResult | None, trainable_params: int, extra: dict | None = None,
                     overwrite: bool = False) -> dict:
-    """Write plain weights (.safetensors) and the sidecar (.json) atomically; return the sidecar."""
+    """Write plain weights (.safetensors), then the sidecar (.json) that makes them a checkpoint; return the sidecar.
+
+    Nothing is written for non-finite or exploded weights. Each file appears whole (temp file + rename), the
+    sidecar last, while this process holds the output's lock (check_writable)."""
     from safetensors.torch import save_file
     path = check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state = plain_state_dict(model)
+    check_weights(state, f"{method} -> {path}: nothing was written")
     family = ARCHS[arch].family
     meta = dict(format=FORMAT, arch=arch, method=method, num_classes=data.info.num_classes,
-                in_chans=data.info.channels, data=data.spec, config=config,
+                in_chans=data.info.channels, data=data.spec, config=config, argv=sys.argv[1:],
                 wall_time_s=round(result.wall_time_s, 3) if result else None,
                 peak_mem_mb=round(result.peak_mem_mb, 1) if result else None,
                 peak_mem_kind=("cuda_max_allocated" if next(model.parameters()).is_cuda else "process_max_rss"),
@@ -781,25 +885,50 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: st
                 sparsity=round(sparsity(model, family), 6), pruned_modules=pruned_modules(model),
                 history=result.history if result else [], versions=library_versions(), git_commit=_git_commit(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
-    state = plain_state_dict(model)
+    sidecar_path(path).unlink(missing_ok=True)  # with --overwrite: the old pair stops being a checkpoint first
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch}))
     meta["weights_sha256"] = _sha256(path)
     atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    _lock_path(path).unlink(missing_ok=True)
     return meta
 
 
+SIDECAR_KEYS = dict(format=str, arch=str, method=str, num_classes=int, in_chans=int, data=dict, config=dict,
+                    pruned_modules=list, weights_sha256=str)
+DATA_KEYS = dict(dataset=str, val_fraction=(int, float), split_seed=int, train_subset=int,
+                 forget_class=(int, type(None)), forget_random=int, forget_seed=(int, type(None)),
+                 forget_hash=(str, type(None)))
+
+
+def _regular_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UserError(f"{what} {path} not found")
+    if not path.is_file():  # follows symlinks: a link to /dev/zero or a FIFO is refused here, before any read
+        raise UserError(f"{what} {path} is not a regular file")
+
+
 def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of a checkpoint, checked against the keys and types every stage relies on."""
     side = sidecar_path(path)
-    if not Path(path).exists():
-        raise UserError(f"checkpoint {path} not found")
+    _regular_file(Path(path), "checkpoint")
+    if not side.exists():
+        raise UserError(f"{path} has no sidecar {side}: not a finished checkpoint of this toolkit")
+    _regular_file(side, "sidecar")
     try:
-        meta = json.loads(side.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} has no sidecar {side}: not a checkpoint of this toolkit") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"sidecar {side} is not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"sidecar {side} is not valid UTF-8 JSON ({str(err)[:80]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{side} is not a {FORMAT} sidecar")
+    for keys, where in ((SIDECAR_KEYS, meta), (DATA_KEYS, meta.get("data"))):
+        for key, kind in keys.items():
+            if not isinstance(where, dict) or key not in where:
+                raise UserError(f"sidecar {side} lacks {key!r}: corrupted or from another tool")
+            if not isinstance(where[key], kind) or isinstance(where[key], bool):
+                raise UserError(f"sidecar {side} has a {type(where[key]).__name__} for {key!r}: corrupted")
+    if meta["arch"] not in ARCHS or meta["data"]["dataset"] not in DATASETS:
+        raise UserError(f"sidecar {side} names an unknown architecture or dataset "
+                        f"({meta['arch']!r}, {meta['data']['dataset']!r})")
     return meta
 
 
@@ -811,12 +940,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, exp
     meta = read_sidecar(path)
     if expect_arch and meta["arch"] != expect_arch:
         raise UserError(f"{path} holds a {meta['arch']} model, not {expect_arch}")
-    if meta.get("weights_sha256") and _sha256(Path(path)) != meta["weights_sha256"]:
+    if _sha256(Path(path)) != meta["weights_sha256"]:
         raise UserError(f"{path} does not match its sidecar's checksum: truncated or replaced")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"cannot read weights {path}: {err}") from None
+    check_weights(state, f"checkpoint {path}")
     info = DATASETS[meta["data"]["dataset"]]
     if (info.num_classes, info.channels) != (meta["num_classes"], meta["in_chans"]):
         raise UserError(f"{path}: sidecar class/channel count does not match dataset {meta['data']['dataset']}")
@@ -839,33 +969,71 @@ def _vit_base_skeleton(info: DatasetInfo) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------
 # Command line: flags shared by every stage, grouped as timm does.
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `prog: error: ...` on stderr, exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, name: str, ok: Callable[[float], bool]):
+    """An argparse type: a finite number of `kind` for which ok(value) holds; argparse reports anything else."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = _number(float, "a finite positive number", lambda v: v > 0)
+non_negative_float = _number(float, "a finite non-negative number", lambda v: v >= 0)
+unit_fraction = _number(float, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (an argparse type)."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
     g.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
     g.add_argument("--download", action="store_true", help="let torchvision download missing data")
-    g.add_argument("--val-fraction", type=float, default=0.1,
+    g.add_argument("--val-fraction", type=unit_fraction, default=0.1,
                    help="per-class validation hold-out; 0 keeps every training image (default: %(default)s)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default: %(default)s)")
-    g.add_argument("--train-subset", type=int, default=0,
+    g.add_argument("--split-seed", type=non_negative_int, default=0,
+                   help="seed of the train/val split (default: %(default)s)")
+    g.add_argument("--train-subset", type=non_negative_int, default=0,
                    help="keep only N random training images, for quick runs; 0 = all (default: %(default)s)")
 
 
 def add_forget_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("forget set")
-    g.add_argument("--forget-class", type=int, default=None,
+    g.add_argument("--forget-class", type=non_negative_int, default=None,
                    help="class-wise forgetting of class K (default: 3, the PruneLoRA paper's cat, "
                         "unless --forget-random is given)")
-    g.add_argument("--forget-random", type=int, default=0,
+    g.add_argument("--forget-random", type=non_negative_int, default=0,
                    help="random-sample forgetting of N training images (default: %(default)s = off)")
-    g.add_argument("--forget-seed", type=int, default=0,
+    g.add_argument("--forget-seed", type=non_negative_int, default=0,
                    help="seed that draws the random forget set (default: %(default)s)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of initialisation and batch order (default: %(default)s)")
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--out-dir", default="model_weights", help="where checkpoints go (default: %(default)s)")
     g.add_argument("--out", default=None, help="output .safetensors path (default: a descriptive name in --out-dir)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -873,7 +1041,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def unlearn_parser(doc: str) -> argparse.ArgumentParser:
     """Parser with the flags every unlearning script shares: the model to unlearn, the forget set, the run."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint of the original model (pretrain.py's output)")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
     add_forget_args(parser)
@@ -885,12 +1053,12 @@ def add_optim_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, b
                    weight_decay: float, augment: bool) -> None:
     """The update's optimisation flags, with a method's own defaults."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=lr, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="(default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=lr, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="(default: %(default)s)")
     g.add_argument("--optimizer", default=optimizer, choices=["adam", "adamw", "sgd"],
                    help="sgd uses momentum 0.9 (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=weight_decay, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="(default: %(default)s)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=augment,
                    help="random crop + flip on the batches (default: %(default)s)")
 
@@ -901,14 +1069,14 @@ def add_adapt_args(parser: argparse.ArgumentParser, *, prune_method: str = "none
     g = parser.add_argument_group("pruning and LoRA")
     g.add_argument("--prune", default=prune_method, choices=["none", "l2-structured", "l1-global"],
                    help="prune before unlearning (default: %(default)s)")
-    g.add_argument("--sparsity", type=float, default=sparsity, help="fraction pruned (default: %(default)s)")
+    g.add_argument("--sparsity", type=unit_fraction, default=sparsity, help="fraction pruned (default: %(default)s)")
     g.add_argument("--allow-regrowth", action="store_true",
                    help="drop the pruning masks before the update, as the seed code did (pruned weights regrow)")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=lora,
                    help="train LoRA adapters + head instead of all weights (default: %(default)s)")
-    g.add_argument("--lora-rank", type=int, default=None, help="default: 8 for ResNets, 16 for ViTs")
-    g.add_argument("--lora-alpha", type=float, default=None, help="default: 16 for ResNets, 32 for ViTs")
-    g.add_argument("--lora-dropout", type=float, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="default: 8 for ResNets, 16 for ViTs")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="default: 16 for ResNets, 32 for ViTs")
+    g.add_argument("--lora-dropout", type=unit_fraction, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
     g.add_argument("--lora-targets", default=None,
                    help="regex or comma-separated module-name suffixes (default: the residual blocks' convs; "
                         "the ViT blocks' qkv, proj, fc1, fc2)")
@@ -975,7 +1143,8 @@ def setup_unlearning(args: argparse.Namespace, method: str) -> tuple[nn.Module, 
     seed_everything(args.seed)
     device = pick_device(args.device)
     model, meta = load_checkpoint(args.model, device)
-    spec = dict(meta["data"], **forget_kwargs(args))
+    split = {k: v for k, v in meta["data"].items() if k not in ("forget_hash", "forget_count")}
+    spec = dict(split, **forget_kwargs(args))
     args.forget_class = spec["forget_class"]  # print and record the resolved forget set
     data = data_from_spec(spec, args.data_dir, device)
     out = check_writable(args.out or default_output(args.out_dir, data, meta["arch"], method, args.seed),

@@ -375,7 +375,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints to compare (.safetensors with sidecars)")
     g = parser.add_argument_group("references")
     g.add_argument("--retrain", default=None, help="the Retrain checkpoint of the same forget set and recipe")
@@ -388,7 +388,7 @@ def main():
     g.add_argument("--split", default="test", choices=["test", "val"],
                    help="held-out data for TA, FTA and the attacks' non-members; choose settings on val "
                         "(default: %(default)s)")
-    g.add_argument("--mia-draws", type=int, default=MIA_DRAWS,
+    g.add_argument("--mia-draws", type=common.positive_int, default=MIA_DRAWS,
                    help="draws of the attacks' member set; draw 0 is the Unlearn-Sparse protocol "
                         "(default: %(default)s)")
     g = parser.add_argument_group("output")
@@ -396,14 +396,9 @@ def main():
     g.add_argument("--md", default=None, help="write the markdown table and legend here")
     g.add_argument("--overwrite", action="store_true", help="replace existing --json/--md files")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     args = parser.parse_args()
-    outputs = [Path(p) for p in (args.json, args.md) if p]
-    if len(set(outputs)) < len(outputs):
-        raise common.UserError("--json and --md name the same file")
-    for path in outputs:
-        if path.exists() and not args.overwrite:
-            raise common.UserError(f"{path} exists; pass --overwrite to replace it")
+    outputs = common.check_output_files((args.json, args.md), args.overwrite)
 
     rows = evaluate_checkpoints(args.checkpoints, args.retrain, sparse_retrain=args.sparse_retrain,
                                 floor=tuple(args.floor), data_dir=args.data_dir, device=args.device,

@@ -64,10 +64,10 @@ def noise_variance(fisher: torch.Tensor, alpha: float, eps: float, is_head: bool
 def main():
     parser = common.unlearn_parser(__doc__)
     g = parser.add_argument_group("Fisher forgetting")
-    g.add_argument("--alpha", type=float, default=ALPHA, help="noise scale (default: %(default)s)")
-    g.add_argument("--eps", type=float, default=EPS, help="added to the Fisher (default: %(default)s)")
-    g.add_argument("--fisher-batch", type=int, default=FISHER_BATCH, help="(default: %(default)s)")
-    g.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES,
+    g.add_argument("--alpha", type=common.positive_float, default=ALPHA, help="noise scale (default: %(default)s)")
+    g.add_argument("--eps", type=common.positive_float, default=EPS, help="added to the Fisher (default: %(default)s)")
+    g.add_argument("--fisher-batch", type=common.positive_int, default=FISHER_BATCH, help="(default: %(default)s)")
+    g.add_argument("--fisher-samples", type=common.non_negative_int, default=FISHER_SAMPLES,
                    help="Dr images for the Fisher; 0 = all (default: %(default)s)")
     g.add_argument("--zero-forget-head", action=argparse.BooleanOptionalAction, default=ZERO_FORGET_HEAD,
                    help="class-wise: reset the forgotten class's head row (default: %(default)s)")

@@ -57,11 +57,11 @@ def mean_gradient(model, x, y, info, input_size, batch_size, names):
 def main():
     parser = common.unlearn_parser(__doc__)
     g = parser.add_argument_group("influence unlearning")
-    g.add_argument("--alpha", type=float, default=ALPHA, help="step size (default: %(default)s)")
-    g.add_argument("--damping", type=float, default=DAMPING, help="Fisher damping (default: %(default)s)")
-    g.add_argument("--fisher-samples", type=int, default=FISHER_SAMPLES, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="(default: %(default)s)")
-    g.add_argument("--chunk", type=int, default=CHUNK, help="(default: %(default)s)")
+    g.add_argument("--alpha", type=common.positive_float, default=ALPHA, help="step size (default: %(default)s)")
+    g.add_argument("--damping", type=common.positive_float, default=DAMPING, help="Fisher damping (default: %(default)s)")
+    g.add_argument("--fisher-samples", type=common.positive_int, default=FISHER_SAMPLES, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="(default: %(default)s)")
+    g.add_argument("--chunk", type=common.positive_int, default=CHUNK, help="(default: %(default)s)")
     args = parser.parse_args()
     # IU updates every weight in place: pruning and LoRA do not apply (a pruned input model keeps its mask).
     args.prune, args.allow_regrowth, args.lora, args.sparsity = "none", False, False, 0.0

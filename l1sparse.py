@@ -23,7 +23,7 @@ def main():
     parser = common.unlearn_parser(__doc__)
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
-    parser.add_argument("--alpha", type=float, default=ALPHA, help="initial L1 weight a_0 (default: %(default)s)")
+    parser.add_argument("--alpha", type=common.non_negative_float, default=ALPHA, help="initial L1 weight a_0 (default: %(default)s)")
     common.add_adapt_args(parser)
     args = parser.parse_args()
     common.check_sparsity(args.sparsity)

@@ -45,14 +45,14 @@ def rewind(model, state: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dense original checkpoint (pretrain.py output)")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
     g = parser.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=float, default=SPARSITY, help="OMP sparsity (default: %(default)s)")
-    g.add_argument("--rounds", type=int, default=ROUNDS, help="IMP rounds; 0 = OMP (default: %(default)s)")
-    g.add_argument("--imp-rate", type=float, default=IMP_RATE, help="IMP per-round rate (default: %(default)s)")
-    g.add_argument("--rewind-epoch", type=int, default=None,
+    g.add_argument("--sparsity", type=common.unit_fraction, default=SPARSITY, help="OMP sparsity (default: %(default)s)")
+    g.add_argument("--rounds", type=common.non_negative_int, default=ROUNDS, help="IMP rounds; 0 = OMP (default: %(default)s)")
+    g.add_argument("--imp-rate", type=common.unit_fraction, default=IMP_RATE, help="IMP per-round rate (default: %(default)s)")
+    g.add_argument("--rewind-epoch", type=common.non_negative_int, default=None,
                    help=f"epoch of the dense run to rewind to; 0 = the initialisation (default: {REWIND_EPOCH}, "
                         "at most a third of the dense run's epochs)")
     common.add_run_args(parser)

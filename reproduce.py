@@ -225,19 +225,44 @@ def plan(profile: dict, methods: list[str], seeds: list[int], ckpt: Path,
     return runs, groups
 
 
-def execute(run: dict, data_dir: str, device: str) -> str:
-    """Run one script unless its checkpoint exists; returns 'skipped' or the time taken."""
-    if run["out"].exists() and common.sidecar_path(run["out"]).exists():
-        return "skipped (exists)"
+def stale_reason(run: dict) -> str | None:
+    """Why a finished checkpoint at run["out"] is not this run's: made by other flags (its sidecar's argv), or
+    unreadable. None when it is this run's own result (or predates the argv record)."""
+    try:
+        argv = common.read_sidecar(run["out"]).get("argv")
+    except common.UserError as err:
+        return str(err)
+    if argv is None:
+        return None  # made before sidecars recorded argv: trusted, as its path encodes the profile's flags
+    planned = [str(a) for a in run["cmd"][1:]]
+    kept = [a for i, a in enumerate(argv) if a not in PLUMBING_FLAGS + PLUMBING_OPTIONS
+            and (i == 0 or argv[i - 1] not in PLUMBING_OPTIONS)]
+    return None if kept == planned else f"made with other flags ({' '.join(kept)})"
+
+
+PLUMBING_OPTIONS = ("--out", "--data-dir", "--device")  # flags (and their values) that do not change a result
+PLUMBING_FLAGS = ("--overwrite",)
+
+
+def execute(run: dict, data_dir: str, device: str, overwrite: bool = False) -> str:
+    """Run one script unless its own finished checkpoint exists; returns what happened.
+
+    A checkpoint made with other flags, an unreadable one, or the leftovers of a killed run are redone."""
+    redo = ""
+    if common.finished(run["out"]) and not overwrite:
+        reason = stale_reason(run)
+        if reason is None:
+            return "skipped (exists)"
+        redo = f" (redone: {reason})"
     script, *args = map(str, run["cmd"])
     if not Path(script).exists():
         raise common.UserError(f"method script {script} does not exist in this checkout")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, script, *args, "--data-dir", data_dir, "--device", device,
-                           "--out", str(run["out"])], capture_output=True, text=True)
+                           "--out", str(run["out"]), "--overwrite"], capture_output=True, text=True)
     if proc.returncode:
         raise common.UserError(f"{script} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return f"done in {time.perf_counter() - start:.0f}s"
+    return f"done in {time.perf_counter() - start:.0f}s{redo}"
 
 
 def evaluate_grid(groups: list[dict], data_dir: str, device: str, mia_draws: int,
@@ -287,15 +312,36 @@ def write_rows(path: Path, rows: list[dict], profile: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of an earlier run's results.csv, numbers parsed (an empty cell is a metric that does not apply)."""
+    """The rows of an earlier run's results.csv, checked and parsed (an empty cell: a metric that does not apply)."""
     if not path.exists():
         raise common.UserError(f"{path} not found: run the profile first (without --report-only)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["seed"] = int(row["seed"])
-        row.update({k: float(row[k]) if row[k] else None for k in METRICS})
+    if not path.is_file():
+        raise common.UserError(f"{path} is not a regular file")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != CSV_FIELDS:
+                raise common.UserError(f"{path} does not have results.csv's columns: not this version's output")
+            rows = list(reader)
+        for line, row in enumerate(rows, 2):
+            if None in row or None in row.values():
+                raise common.UserError(f"{path} line {line} has a missing or extra cell: truncated or edited")
+            row["seed"] = int(row["seed"])
+            row.update({k: float(row[k]) if row[k] else None for k in METRICS})
+    except (ValueError, UnicodeDecodeError, csv.Error) as err:
+        raise common.UserError(f"{path} is malformed ({str(err)[:80]})") from None
+    if not rows:
+        raise common.UserError(f"{path} has no rows")
     return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """A rerun's rows replace the earlier rows of the same (arch, forget, seed, label); the others stay."""
+    def key(row):
+        return row["arch"], row["forget"], row["seed"], row["label"]
+    fresh = {key(r): r for r in new}
+    kept = [fresh.pop(key(r), r) for r in old]  # in place, so the table keeps its order
+    return kept + list(fresh.values())
 
 
 def mean_std(values: list) -> str:
@@ -403,15 +449,19 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the profile's methods")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
+    parser.add_argument("--forgets", default=None,
+                        help="comma-separated subset of the profile's forget settings, e.g. class3,random1200")
     parser.add_argument("--out-root", default="results", help="(default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="(default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="(default: %(default)s)")
-    parser.add_argument("--mia-draws", type=int, default=None,
+    parser.add_argument("--device", type=common.device_name, default="auto", help="(default: %(default)s)")
+    parser.add_argument("--mia-draws", type=common.positive_int, default=None,
                         help="evaluate.py's draws of the attacks' member set (default: evaluate.py's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every run of the grid and replace results.csv instead of merging into it")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild table.md and the plots from an earlier run's results.csv; runs nothing")
@@ -419,6 +469,12 @@ def main():
     if args.profile not in PROFILES:
         raise common.UserError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[args.profile]
+    if args.forgets:
+        tags = [forget_tag(f) for f in profile["forgets"]]
+        wanted = args.forgets.split(",")
+        if not set(wanted) <= set(tags):
+            raise common.UserError(f"--forgets {args.forgets}: the profile's forget settings are {', '.join(tags)}")
+        profile = dict(profile, forgets=[f for f in profile["forgets"] if forget_tag(f) in wanted])
     methods = args.methods.split(",") if args.methods else profile["methods"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -453,7 +509,7 @@ def main():
         for i, run in enumerate(runs, 1):
             run["out"].parent.mkdir(parents=True, exist_ok=True)
             try:
-                status = execute(run, args.data_dir, args.device)
+                status = execute(run, args.data_dir, args.device, args.overwrite)
             except common.UserError as err:
                 if not (candidates and run["kind"] == "method"):
                     raise
@@ -468,6 +524,9 @@ def main():
     if args.report_only:
         rows = read_rows(out_dir / "results.csv")
     else:
+        # An earlier results.csv is merged into, so it is checked before any work.
+        previous = read_rows(out_dir / "results.csv") if (out_dir / "results.csv").exists() and not args.overwrite \
+            else []
         chosen = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         if tune_groups:
@@ -483,6 +542,7 @@ def main():
         runs, groups = plan(profile, methods, seeds, root / "ckpt", chosen)
         execute_all(runs)
         rows = evaluate_grid(groups, args.data_dir, args.device, mia_draws)
+        rows = merge_rows(previous, rows)
         common.atomic_write(out_dir / "results.csv", lambda tmp: write_rows(tmp, rows, args.profile))
     common.atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(summary_table(rows)))
     written = plots(rows, out_dir)

@@ -79,8 +79,8 @@ def main():
     g = parser.add_argument_group("residual feature alignment")
     g.add_argument("--target", default=TARGET, choices=["nearest-class-mean", "teacher-ce"],
                    help="where Df's features are shifted (default: %(default)s)")
-    g.add_argument("--retain-weight", type=float, default=RETAIN_WEIGHT, help="(default: %(default)s)")
-    g.add_argument("--forget-weight", type=float, default=FORGET_WEIGHT, help="(default: %(default)s)")
+    g.add_argument("--retain-weight", type=common.non_negative_float, default=RETAIN_WEIGHT, help="(default: %(default)s)")
+    g.add_argument("--forget-weight", type=common.non_negative_float, default=FORGET_WEIGHT, help="(default: %(default)s)")
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
     common.add_adapt_args(parser, lora=True, lora_head=False)

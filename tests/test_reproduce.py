@@ -1,5 +1,6 @@
 """reproduce.py's smoke profile end to end, resuming, the GPU profiles' dry run, and bench.py's quick mode."""
 import csv
+import json
 
 from conftest import run_script
 
@@ -26,6 +27,31 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     again = run_script("reproduce.py", *flags)
     assert again.stdout.count("skipped (exists)") == 10 and "done in" not in again.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
+
+    # A checkpoint made with other flags is redone; a narrower rerun keeps the other methods' rows.
+    ckpt = next((tmp_path / "ckpt").iterdir())
+    side = ckpt / "class3_finetune_s0.json"
+    meta = json.loads(side.read_text())
+    meta["argv"] = [*meta["argv"], "--lr", "0.5"]
+    side.write_text(json.dumps(meta))
+    narrower = run_script("reproduce.py", *flags, "--methods", "finetune")
+    assert narrower.stdout.count("redone: made with other flags") == 1 and narrower.stdout.count("done in") == 1
+    merged = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["label"] for r in merged] == [r["label"] for r in rows]  # loraprune's rows kept, in place
+    assert [(r["UA"], r["RA"], r["TA"]) for r in merged] == [(r["UA"], r["RA"], r["TA"]) for r in rows]  # same run
+
+    # The leftovers of a run killed between its weights and its sidecar are redone, not a blocker.
+    (ckpt / "class3_loraprune_s0.json").unlink()
+    resumed = run_script("reproduce.py", *flags)
+    assert resumed.stdout.count("done in") == 1 and resumed.stdout.count("skipped (exists)") == 9
+
+    # --report-only checks results.csv: a truncated or foreign file is refused with one line.
+    text = (out / "results.csv").read_text()
+    for bad in (text[: len(text) * 2 // 3].rsplit(",", 3)[0] + "\n", "a,b\n1,2\n"):
+        (out / "results.csv").write_text(bad)
+        proc = run_script("reproduce.py", "--profile", "smoke", "--out-root", tmp_path, "--report-only", check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (out / "results.csv").write_text(text)
 
     # --report-only rebuilds the table and plots from results.csv alone, running and evaluating nothing.
     for name in ("table.md", "ua_vs_ra.png", "cost.png"):
