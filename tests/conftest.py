@@ -66,3 +66,12 @@ def retrain_random(workdir, data_dir) -> Path:
     run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
                "--forget-random", "300", "--data-dir", data_dir, "--out", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def omp(original, data_dir, workdir) -> Path:
+    """The original pruned to 50% by OMP (global L1 magnitude, rewind to epoch 1, retrain with the mask)."""
+    out = workdir / "omp50.safetensors"
+    run_script("prune.py", "--model", original, "--sparsity", "0.5", "--rewind-epoch", "1", "--data-dir", data_dir,
+               "--out", out)
+    return out

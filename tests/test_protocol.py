@@ -79,14 +79,6 @@ def test_predict_fp32_ignores_autocast(monkeypatch):
 # References: the sparse Retrain, the floor, and what evaluate.py refuses as a Retrain.
 
 @pytest.fixture(scope="module")
-def omp(original, data_dir, workdir):
-    out = workdir / "protocol_omp50.safetensors"
-    run_script("prune.py", "--model", original, "--sparsity", "0.5", "--rewind-epoch", "1", "--data-dir", data_dir,
-               "--out", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def sparse_retrain(omp, data_dir, workdir):
     out = workdir / "retrain_sparse_class3.safetensors"
     run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--mask-from", omp,

@@ -14,14 +14,6 @@ QUICK = {"ga": ["--epochs", "1"], "rl": ["--epochs", "1"], "l1sparse": ["--epoch
          "ff": ["--fisher-samples", "64"], "iu": ["--fisher-samples", "64"]}
 
 
-@pytest.fixture(scope="module")
-def omp(original, data_dir, workdir):
-    out = workdir / "omp50.safetensors"
-    run_script("prune.py", "--model", original, "--sparsity", "0.5", "--rewind-epoch", "1", "--data-dir", data_dir,
-               "--out", out)
-    return out
-
-
 def _zero_pattern(path):
     meta = common.read_sidecar(path)
     state = load_file(str(path))
