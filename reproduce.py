@@ -46,7 +46,8 @@ METHODS = {
 TUNING = {
     "ga": [["--lr", "1e-4"], ["--lr", "5e-4"]],  # the Unlearn-Sparse README's; the maintainers' later advice
     "ff": [["--alpha", "1e-6"], ["--alpha", "1e-7"], ["--alpha", "1e-8"]],  # Golatkar et al.'s range
-    "iu": [["--alpha", "1"], ["--alpha", "2"]],  # the Newton step, and twice it
+    "iu": [["--alpha", "1"], ["--alpha", "2"], ["--damping", "1"], ["--damping", "0.1"]],  # Newton step, twice it;
+    # the Fisher damping 3x either side of iu.py's 0.3
     "l1sparse": [["--alpha", "5e-5"], ["--alpha", "1e-4"]],  # the useful range for small nets (l1sparse.py)
     "rfa": [["--target", "nearest-class-mean"], ["--target", "teacher-ce"]],
 }
@@ -69,11 +70,11 @@ PROFILES = {
         methods=["finetune", "pruneft", "lora", "loraprune"], sparse_reference_of="pruneft"),
     "cpu-fashion-sparse": dict(  # the Unlearn-Sparse methods, dense and at 50% OMP sparsity
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0],
+        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
         methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5], tune=["ga", "ff", "iu", "l1sparse"]),
     "cpu-fashion-rfa": dict(  # RFA-style, its shift target chosen on the validation split
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0],
+        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
         methods=["rfa"], tune=["rfa"]),  # compare with the cpu-fashion rows of the same forget sets
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
