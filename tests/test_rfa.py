@@ -36,6 +36,7 @@ def test_training_on_retain_only_keeps_the_features_close(original, data_dir, wo
     # A strong initial push on Df moves the adapters, then the retain alignment alone must hold Dr's features.
     run_script("rfa.py", "--model", original, "--forget-weight", "0", "--epochs", "2", "--data-dir", data_dir,
                "--out", out)
+    assert common.read_sidecar(out)["config"]["target"] == rfa.TARGET["class"]  # the class-wise default
     teacher, meta = common.load_checkpoint(original)
     student, _ = common.load_checkpoint(out)
     data = common.data_from_spec(common.read_sidecar(out)["data"], data_dir, "cpu")
