@@ -8,12 +8,14 @@
    per-batch normalisation, loss bookkeeping) over the raw model step (forward, backward, optimizer step on
    batches already normalised in memory), same resnet_tiny, 28 px, batch 128, same steps; best of three
    interleaved passes each. Goal: ratio >= 0.9.
-2. Cost of FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data, batch 128,
-   with each script's own flags and code path (common.UnlearningRun, train_unlearning): seconds per step
-   over --steps steady-state steps (one warm-up step first, not timed), the per-epoch time EXTRAPOLATED from
-   them to a 45,000-image Dr, peak memory and trainable parameters. Each configuration runs in its own process
-   so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the scripts'
-   sidecars) is its own.
+2. Cost of FT, Prune+FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data,
+   at batch 32 and 128, with each script's own flags and code path (common.UnlearningRun, train_unlearning):
+   seconds per step over --steps steady-state steps (one warm-up step first, not timed), activation memory
+   (bytes autograd keeps for backward in one training forward, common.saved_activation_bytes: the same
+   figure on CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
+   and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Each configuration runs in its own
+   process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
+   scripts' sidecars) is its own.
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
@@ -38,14 +40,17 @@ import common
 import finetune
 import lora
 import loraprune
+import pruneft
 
 BATCH_SIZE = finetune.BATCH_SIZE  # 128, the PruneLoRA paper's
+BATCH_SIZES = "32,128"  # the per-method cost at a small and at the paper's batch
 DR_IMAGES = 45_000  # CIFAR-10 retain set of class-wise forgetting (50,000 - 5,000 cats): one epoch
 FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
 ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
 LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
 METHODS = {  # name -> the script's pruning/LoRA defaults (finetune.run's keyword arguments)
     "finetune": dict(),
+    "pruneft": dict(prune_method=pruneft.PRUNE, sparsity=pruneft.SPARSITY),
     "lora": dict(lora=lora.LORA),
     "loraprune": dict(prune_method=loraprune.PRUNE, sparsity=loraprune.SPARSITY, lora=loraprune.LORA),
 }
@@ -113,14 +118,17 @@ def class_forgetting_data(device: torch.device) -> common.Data:
                        spec)
 
 
-def start_run(arch: str, method: str, data: common.Data, device: torch.device, out: Path) -> common.UnlearningRun:
+def start_run(arch: str, method: str, data: common.Data, device: torch.device, out: Path,
+              batch_size: int = BATCH_SIZE) -> common.UnlearningRun:
     """What the method's script does up to its training loop, on a randomly initialised model: the script's
-    own flags and defaults (finetune.run's parser), pruning and LoRA by common.adapt_model."""
+    own flags and defaults (finetune.run's parser), pruning and LoRA by common.adapt_model (no BatchNorm
+    re-estimation: the model is random)."""
     parser = common.unlearn_parser(finetune.__doc__)
     common.add_optim_args(parser, epochs=finetune.EPOCHS, lr=finetune.LR, batch_size=BATCH_SIZE,
                           optimizer=finetune.OPTIMIZER, weight_decay=finetune.WEIGHT_DECAY, augment=finetune.AUGMENT)
     common.add_adapt_args(parser, **METHODS[method])
-    args = parser.parse_args(["--model", "random-init", "--forget-class", str(FORGET_CLASS), "--out", str(out)])
+    args = parser.parse_args(["--model", "random-init", "--forget-class", str(FORGET_CLASS), "--out", str(out),
+                              "--batch-size", str(batch_size)])
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(arch, data.info), device)
     model, pruned_sparsity = common.adapt_model(model, common.ARCHS[arch].family, args)
@@ -128,20 +136,47 @@ def start_run(arch: str, method: str, data: common.Data, device: torch.device, o
     return common.UnlearningRun(args, method, model, dict(arch=arch), data, device, out, gen, pruned_sparsity)
 
 
-def method_cost(arch: str, method: str, device: torch.device, steps: int, fp32: bool = False) -> dict:
+def activation_bytes(run: common.UnlearningRun) -> int:
+    """Bytes autograd keeps for backward in one training forward of the run's loss on a Dr batch, in the mode
+    train_loop runs it (frozen BatchNorm in the LoRA modes)."""
+    batch = next(iter(run.batches("retain")(0)))
+    loss_fn, frozen = run.ce_loss(run.args.augment), common.freeze_bn(run.args)
+    with common.frozen_batchnorm(run.model) if frozen else contextlib.nullcontext():
+        common.set_train_mode(run.model, frozen)
+        with common.autocast(run.device):
+            return common.saved_activation_bytes(run.model, lambda model: loss_fn(model, batch))
+
+
+def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
+                fp32: bool = False) -> dict:
     """Steady-state training steps of one PruneLoRA method: one warm-up step, then `steps` timed ones."""
+    data = class_forgetting_data(device)
     with tempfile.TemporaryDirectory() as tmp:
-        run = start_run(arch, method, class_forgetting_data(device), device, Path(tmp) / "bench.safetensors")
+        sync(device)
+        start = time.perf_counter()
+        run = start_run(arch, method, data, device, Path(tmp) / "bench.safetensors", batch_size)
+        sync(device)
+        prep_s = time.perf_counter() - start
+        saved = activation_bytes(run)
         run.args.epochs = 2  # "epoch" 1 = the warm-up step (allocation, kernel selection), "epoch" 2 = timed steps
         retain_pass = run.batches("retain")
         result = common.train_unlearning(run, lambda epoch: itertools.islice(retain_pass(epoch), 1 if epoch == 0
                                                                              else steps), run.ce_loss(run.args.augment))
     step_s = (result.history[1]["time_s"] - result.history[0]["time_s"]) / steps
     trainable, total = common.count_params(run.model)
-    return dict(arch=arch, method=method, device=str(device), precision=precision(device, fp32), timed_steps=steps,
-                step_s=round(step_s, 4), epoch_s_extrapolated=round(step_s * DR_IMAGES / BATCH_SIZE, 1),
+    return dict(arch=arch, method=method, batch_size=batch_size, device=str(device), precision=precision(device, fp32),
+                timed_steps=steps, step_s=round(step_s, 4), activation_mb=round(saved / 2**20, 1),
+                epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(prep_s, 2),
                 peak_mem_mb=round(result.peak_mem_mb), trainable_params=trainable, total_params=total,
                 trainable_pct=round(100 * trainable / total, 2))
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's step time and activation memory as ratios to FT's at the same arch, batch and precision."""
+    ft = {(r["arch"], r["batch_size"], r["precision"]): r for r in rows if r["method"] == "finetune"}
+    return [dict(r, step_vs_ft=round(r["step_s"] / ft[key]["step_s"], 2),
+                 activation_vs_ft=round(r["activation_mb"] / ft[key]["activation_mb"], 2))
+            if (key := (r["arch"], r["batch_size"], r["precision"])) in ft else r for r in rows]
 
 
 def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
@@ -182,13 +217,17 @@ def markdown(figures: dict) -> str:
              f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw step "
              f"{lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
              "(goal >= 0.9).", "",
-             f"Per-method cost, 32 px, batch {BATCH_SIZE}; epoch time EXTRAPOLATED from the timed steps to "
+             "Per-method cost, 32 px. s/step over the timed steps; activations = bytes autograd keeps for backward "
+             "in one training forward (the same on any device); x FT = ratio to FT at the same arch, batch and "
+             f"precision; prep = pruning and adapters before the first step; epoch time EXTRAPOLATED to "
              f"{DR_IMAGES:,} images:", "",
-             "| arch | method | precision | timed steps | s/step | epoch s (extrapolated) | peak MB | trainable | "
-             "trainable % |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {m['arch']} | {m['method']} | {m['precision']} | {m['timed_steps']} | {m['step_s']} | "
-              f"{m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | {m['trainable_pct']} |"
-              for m in figures["methods"]]
+             "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
+             "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
+              f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb']} | {m.get('activation_vs_ft', '')} | "
+              f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
+              f"{m['trainable_pct']} |" for m in figures["methods"]]
     e2e = figures.get("end_to_end_loraprune")
     lines += ["", "End-to-end PruneLoRA class unlearning: " + (
         f"{e2e['end_to_end_s']} s ({e2e['train_loop_s']} s in the training loop), {e2e['epochs']} epochs over "
@@ -204,10 +243,11 @@ def main():
     parser.add_argument("--steps", type=common.positive_int, default=None,
                         help="timed steps per method after one warm-up step (default: 3 on CPU, 20 on CUDA, 1 quick)")
     parser.add_argument("--archs", default=ARCHS, help="comma-separated architectures (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default=BATCH_SIZES, help="comma-separated (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write all figures as JSON here")
     parser.add_argument("--md", default=None, help="write the markdown summary here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--md files")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: ARCH:METHOD[:fp32] in a subprocess
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: ARCH:METHOD:BATCH[:fp32], subprocess
     args = parser.parse_args()
     common.check_output_files((args.json, args.md), args.overwrite)
     device = common.pick_device(args.device)
@@ -215,15 +255,19 @@ def main():
     if steps < 1:
         raise common.UserError(f"--steps must be >= 1, got {steps}")
     archs = args.archs.split(",")
+    try:
+        batch_sizes = [common.positive_int(b) for b in args.batch_sizes.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise common.UserError(f"--batch-sizes: {err}")
     unknown = [a for a in archs if a not in common.ARCHS or common.ARCHS[a].input_size]
     if unknown:
         raise common.UserError(f"--archs {unknown}: choose from the small-image architectures "
                                f"{', '.join(a for a, s in common.ARCHS.items() if not s.input_size)}")
     if args.one:
-        arch, method, *fp32 = args.one.split(":")
+        arch, method, batch_size, *fp32 = args.one.split(":")
         if fp32:
             switch_off_cuda_speedups()
-        print(json.dumps(method_cost(arch, method, device, steps, fp32=bool(fp32))))
+        print(json.dumps(method_cost(arch, method, int(batch_size), device, steps, fp32=bool(fp32))))
         return
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -233,13 +277,15 @@ def main():
 
     variants = [""] + ([":fp32"] if device.type == "cuda" else [])
     figures["methods"] = []
-    for arch, method, variant in itertools.product(archs, METHODS, variants):
-        proc = subprocess.run([sys.executable, __file__, "--one", f"{arch}:{method}{variant}", "--device", str(device),
-                               "--steps", str(steps)], capture_output=True, text=True)
+    for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
+        one = f"{arch}:{method}:{batch_size}{variant}"
+        proc = subprocess.run([sys.executable, __file__, "--one", one, "--device", str(device), "--steps", str(steps)],
+                              capture_output=True, text=True)
         if proc.returncode:
-            raise common.UserError(f"{arch} {method}{variant} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise common.UserError(f"{one} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         figures["methods"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(dict(part="method_cost", **figures["methods"][-1])), flush=True)
+    figures["methods"] = with_ratios(figures["methods"])
 
     if device.type == "cuda" and not args.quick:
         figures["end_to_end_loraprune"] = end_to_end_loraprune(device)

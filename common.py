@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.utils import prune
 from tqdm import tqdm
 
@@ -430,37 +431,63 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# LoRA through peft. On a pruned layer the update is applied in weight space as M * (W0 + BA), so the
-# merged model is exactly as sparse as the pruned one while training sees the same function.
+# LoRA through peft (its config, injection and merge) with a lean forward of our own for the adapted layers,
+# because peft's generic one costs more than fine-tuning does on a frozen base:
+# - a pruned layer must stay exactly sparse, so its update is M * (BA). When M keeps or zeroes whole output
+#   filters/rows (M = m 1^T, structured pruning) that is m * (B A x) on the adapter's output, at LoRA's own
+#   cost; only an unstructured mask needs the dense delta M * (BA) and a second full convolution.
+# - dropout: peft keeps the dropped copy of every adapted input for A's backward. Here A(dropout(x)) is
+#   recomputed in backward from x, which the base layer keeps anyway, with the same dropout mask (the RNG
+#   state is replayed), so dropout adds no saved activations and the random stream is peft's.
 
-def _masked_lora_forward(layer, x, weight_fn, *args, **kwargs):
-    result = layer.base_layer(x, *args, **kwargs)
-    mask = layer.base_layer.weight_mask
+def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """m if the pruning mask keeps or zeroes whole output rows/filters (mask = m 1^T), else None."""
+    rows = mask.flatten(1)
+    kept = rows.all(dim=1)
+    return kept if torch.equal(kept, rows.any(dim=1)) else None
+
+
+def _dropout_then(dropout: nn.Module, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """fn(dropout(x)); when dropout is active in training, the dropped copy is recomputed in backward."""
+    if isinstance(dropout, nn.Identity) or not dropout.training or not torch.is_grad_enabled():
+        return fn(dropout(x))
+    return torch.utils.checkpoint.checkpoint(lambda inp: fn(dropout(inp)), x, use_reentrant=False)
+
+
+def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Tensor:
+    result = layer.base_layer(x)
+    mask = getattr(layer.base_layer, "weight_mask", None)
+    rows = None if mask is None else output_row_mask(mask)
     for name in layer.active_adapters:
-        if name in layer.lora_A:
+        if name not in layer.lora_A:
+            continue
+        dropout = layer.lora_dropout[name]
+        if mask is not None and rows is None:  # unstructured mask: the exact update needs the dense delta
             delta = (mask * layer.get_delta_weight(name)).to(result.dtype)
-            result = result + weight_fn(layer.lora_dropout[name](x).to(result.dtype), delta)
+            result = result + weight_fn(dropout(x).to(result.dtype), delta)
+            continue
+        update = layer.lora_B[name](_dropout_then(dropout, layer.lora_A[name], x)) * layer.scaling[name]
+        if rows is not None:  # per output channel: dim 1 of a conv's output, the last dim of a linear's
+            update = update * rows.to(update.dtype).view((-1, 1, 1) if update.dim() == 4 else (-1,))
+        result = result + update.to(result.dtype)
     return result
 
 
 def _lora_layer_classes():
     from peft.tuners.lora import layer as lora_layer
 
-    class MaskedLoraConv2d(lora_layer.Conv2d):
-        def forward(self, x, *args, **kwargs):
-            if not hasattr(self.base_layer, "weight_mask") or self.disable_adapters or self.merged:
-                return super().forward(x, *args, **kwargs)
-            b = self.base_layer
-            return _masked_lora_forward(self, x, lambda inp, w: F.conv2d(inp, w, None, b.stride, b.padding,
-                                                                         b.dilation, b.groups), *args, **kwargs)
+    def lean(cls, weight_fn):
+        class Lean(cls):
+            def forward(self, x, *args, **kwargs):
+                if args or kwargs or self.disable_adapters or self.merged or self.lora_variant:
+                    return super().forward(x, *args, **kwargs)  # peft's general path for what we do not use
+                return _lean_lora_forward(self, x, lambda inp, w: weight_fn(self.base_layer, inp, w))
+        Lean.__name__ = Lean.__qualname__ = f"Lean{cls.__name__}"
+        return Lean
 
-    class MaskedLoraLinear(lora_layer.Linear):
-        def forward(self, x, *args, **kwargs):
-            if not hasattr(self.base_layer, "weight_mask") or self.disable_adapters or self.merged:
-                return super().forward(x, *args, **kwargs)
-            return _masked_lora_forward(self, x, F.linear, *args, **kwargs)
-
-    return {nn.Conv2d: MaskedLoraConv2d, nn.Linear: MaskedLoraLinear}
+    conv = lambda b, inp, w: F.conv2d(inp, w, None, b.stride, b.padding, b.dilation, b.groups)
+    linear = lambda b, inp, w: F.linear(inp, w)
+    return {nn.Conv2d: lean(lora_layer.Conv2d, conv), nn.Linear: lean(lora_layer.Linear, linear)}
 
 
 BN_CALIBRATION_IMAGES = 10_000  # Dr images whose statistics replace the dense model's after pruning
@@ -483,24 +510,33 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
                         modules_to_save=[classifier_name(model)] if train_head else None, init_lora_weights=True)
     config._register_custom_module(_lora_layer_classes())
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"LoRA targets {targets!r} match no layer of this model ({str(err).splitlines()[0][:100]})")
+    fold_frozen_masks(peft_model)
+    return peft_model
+
+
+def fold_frozen_masks(model: nn.Module) -> None:
+    """On pruned layers whose weights are frozen, multiply the mask into the weight once and keep the mask as a
+    plain buffer, instead of recomputing weight_orig * mask in every forward and keeping the product for
+    backward. merge_lora turns them back into ordinary pruned layers."""
+    for m in model.modules():
+        if hasattr(m, "weight_orig") and not m.weight_orig.requires_grad:
+            mask = m.weight_mask
+            prune.remove(m, "weight")
+            m.register_buffer("weight_mask", mask)
 
 
 def merge_lora(peft_model: nn.Module) -> nn.Module:
     """Fold adapters into the weights and return the plain model; pruned layers keep their masks."""
-    from peft.tuners.lora import LoraLayer
     masks = {}
     for name, m in peft_model.named_modules():
-        if isinstance(m, LoraLayer) and hasattr(m.base_layer, "weight_mask"):
-            masks[name] = m.base_layer.weight_mask.clone()
-            prune.remove(m.base_layer, "weight")  # weight becomes a plain parameter so peft can merge into it
+        if "weight_mask" in m._buffers and not hasattr(m, "weight_orig"):  # a mask of fold_frozen_masks
+            plain_name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            masks[plain_name] = m._buffers.pop("weight_mask")
     model = peft_model.merge_and_unload()
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        plain_name = name.removeprefix("base_model.model.")
-        prune.custom_from_mask(modules[plain_name], "weight", mask)
+    apply_masks(model, masks)
     return model
 
 
@@ -543,6 +579,28 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module):
+    """For the duration, every BatchNorm2d whose affine is frozen runs as torchvision's FrozenBatchNorm2d, the
+    per-channel x * scale + shift of its running statistics: the outputs of BatchNorm in eval mode, but none of
+    its input is kept for backward (about a third of a frozen ResNet's activation memory)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    swapped = []
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d) and child.affine and child.track_running_stats \
+                    and not child.weight.requires_grad:
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+                frozen.load_state_dict(child.state_dict())
+                setattr(parent, child_name, frozen)
+                swapped.append((parent, child_name, child))
+    try:
+        yield model
+    finally:
+        for parent, child_name, child in swapped:
+            setattr(parent, child_name, child)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None,
                           batch_size: int = 256) -> None:
@@ -571,6 +629,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def saved_activation_bytes(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward while forward(model) runs: distinct storages, the model's parameters and
+    buffers excluded. The activation memory of a training step, the same figure on any device."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(model)  # kept alive until the count is taken, so no saved storage is freed and reused
+    del out
+    return sum(saved.values())
+
+
 @dataclass
 class TrainResult:
     wall_time_s: float
@@ -592,34 +668,35 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
     start = time.perf_counter()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     history = []
-    for epoch in range(epochs):
-        set_train_mode(model, freeze_bn)
-        total, steps = torch.zeros((), device=device), 0
-        bar = tqdm(epoch_batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                   disable=None, dynamic_ncols=True)
-        for batch in bar:
-            with autocast(device):
-                loss = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.detach().float()
-            steps += 1
-            if steps % 50 == 0 and not math.isfinite(float(total)):
-                break
-        mean_loss = float(total) / max(steps, 1)
-        if not math.isfinite(mean_loss):
-            raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
-                            "lower the learning rate (nothing was written)")
-        record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(time.perf_counter() - start, 2))
-        if after_epoch is not None:
-            record.update(after_epoch(epoch))
-        history.append(record)
-        tqdm.write(json.dumps(record))
+    with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
+        for epoch in range(epochs):
+            set_train_mode(model, freeze_bn)
+            total, steps = torch.zeros((), device=device), 0
+            bar = tqdm(epoch_batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                       disable=None, dynamic_ncols=True)
+            for batch in bar:
+                with autocast(device):
+                    loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.detach().float()
+                steps += 1
+                if steps % 50 == 0 and not math.isfinite(float(total)):
+                    break
+            mean_loss = float(total) / max(steps, 1)
+            if not math.isfinite(mean_loss):
+                raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
+                                "lower the learning rate (nothing was written)")
+            record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(time.perf_counter() - start, 2))
+            if after_epoch is not None:
+                record.update(after_epoch(epoch))
+            history.append(record)
+            tqdm.write(json.dumps(record))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return TrainResult(time.perf_counter() - start, peak_memory_mb(device), history)

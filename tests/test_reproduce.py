@@ -71,8 +71,9 @@ def test_gpu_profiles_dry_run_lists_the_paper_commands():
 
 
 def test_bench_quick_mode_prints_the_loop_ratio():
-    proc = run_script("bench.py", "--quick", "--device", "cpu", "--archs", "resnet_tiny,vit_tiny")
-    assert "loop/raw ratio" in proc.stdout and "| vit_tiny | loraprune |" in proc.stdout
+    proc = run_script("bench.py", "--quick", "--device", "cpu", "--archs", "resnet_tiny,vit_tiny",
+                      "--batch-sizes", "32")
+    assert "loop/raw ratio" in proc.stdout and "| vit_tiny | 32 | loraprune |" in proc.stdout
     assert "skipped: needs CUDA" in proc.stdout
 
 
