@@ -19,7 +19,7 @@
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
-   save) on ResNet-50.
+   save) on ResNet-50. With --compile, part 2 again under torch.compile (its compilation in the warm-up step).
 
 Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
 """
@@ -119,7 +119,7 @@ def class_forgetting_data(device: torch.device) -> common.Data:
 
 
 def start_run(arch: str, method: str, data: common.Data, device: torch.device, out: Path,
-              batch_size: int = BATCH_SIZE) -> common.UnlearningRun:
+              batch_size: int = BATCH_SIZE, compile_model: bool = False) -> common.UnlearningRun:
     """What the method's script does up to its training loop, on a randomly initialised model: the script's
     own flags and defaults (finetune.run's parser), pruning and LoRA by common.adapt_model (no BatchNorm
     re-estimation: the model is random)."""
@@ -128,7 +128,7 @@ def start_run(arch: str, method: str, data: common.Data, device: torch.device, o
                           optimizer=finetune.OPTIMIZER, weight_decay=finetune.WEIGHT_DECAY, augment=finetune.AUGMENT)
     common.add_adapt_args(parser, **METHODS[method])
     args = parser.parse_args(["--model", "random-init", "--forget-class", str(FORGET_CLASS), "--out", str(out),
-                              "--batch-size", str(batch_size)])
+                              "--batch-size", str(batch_size)] + (["--compile"] if compile_model else []))
     common.seed_everything(args.seed)
     model = common.prepare_model(common.build_model(arch, data.info), device)
     model, pruned_sparsity = common.adapt_model(model, common.ARCHS[arch].family, args)
@@ -148,13 +148,14 @@ def activation_bytes(run: common.UnlearningRun) -> int:
 
 
 def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
-                fp32: bool = False) -> dict:
-    """Steady-state training steps of one PruneLoRA method: one warm-up step, then `steps` timed ones."""
+                fp32: bool = False, compile_model: bool = False) -> dict:
+    """Steady-state training steps of one PruneLoRA method: one warm-up step (torch.compile's compilation
+    included, with compile_model), then `steps` timed ones."""
     data = class_forgetting_data(device)
     with tempfile.TemporaryDirectory() as tmp:
         sync(device)
         start = time.perf_counter()
-        run = start_run(arch, method, data, device, Path(tmp) / "bench.safetensors", batch_size)
+        run = start_run(arch, method, data, device, Path(tmp) / "bench.safetensors", batch_size, compile_model)
         sync(device)
         prep_s = time.perf_counter() - start
         saved = activation_bytes(run)
@@ -164,8 +165,9 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
                                                                              else steps), run.ce_loss(run.args.augment))
     step_s = (result.history[1]["time_s"] - result.history[0]["time_s"]) / steps
     trainable, total = common.count_params(run.model)
-    return dict(arch=arch, method=method, batch_size=batch_size, device=str(device), precision=precision(device, fp32),
-                timed_steps=steps, step_s=round(step_s, 4), activation_mb=round(saved / 2**20, 1),
+    return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
+                precision=precision(device, fp32, compile_model), timed_steps=steps, step_s=round(step_s, 4),
+                activation_mb=round(saved / 2**20, 1),
                 epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(prep_s, 2),
                 peak_mem_mb=round(result.peak_mem_mb), trainable_params=trainable, total_params=total,
                 trainable_pct=round(100 * trainable / total, 2))
@@ -196,11 +198,13 @@ def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
                 note="random 32 px images; excludes imports and loading a checkpoint from disk")
 
 
-def precision(device: torch.device, fp32: bool) -> str:
-    """What the training steps ran in: common's CUDA defaults, or fp32 (always on CPU)."""
+def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> str:
+    """What the training steps ran in: common's CUDA defaults, or fp32 (always on CPU); compiled or not."""
     if device.type == "cuda" and not fp32:
-        return "bf16 autocast, channels_last"
-    return "fp32, contiguous" if device.type == "cuda" else "fp32"
+        label = "bf16 autocast, channels_last"
+    else:
+        label = "fp32, contiguous" if device.type == "cuda" else "fp32"
+    return label + (", torch.compile" if compile_model else "")
 
 
 def switch_off_cuda_speedups() -> None:
@@ -247,7 +251,10 @@ def main():
     parser.add_argument("--json", default=None, help="write all figures as JSON here")
     parser.add_argument("--md", default=None, help="write the markdown summary here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--md files")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: ARCH:METHOD:BATCH[:fp32], subprocess
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure every method under torch.compile (GPU; minutes of compilation each)")
+    # internal: ARCH:METHOD:BATCH[:fp32|:compile], one configuration in a subprocess
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     common.check_output_files((args.json, args.md), args.overwrite)
     device = common.pick_device(args.device)
@@ -264,10 +271,11 @@ def main():
         raise common.UserError(f"--archs {unknown}: choose from the small-image architectures "
                                f"{', '.join(a for a, s in common.ARCHS.items() if not s.input_size)}")
     if args.one:
-        arch, method, batch_size, *fp32 = args.one.split(":")
-        if fp32:
+        arch, method, batch_size, *variant = args.one.split(":")
+        if variant == ["fp32"]:
             switch_off_cuda_speedups()
-        print(json.dumps(method_cost(arch, method, int(batch_size), device, steps, fp32=bool(fp32))))
+        print(json.dumps(method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
+                                     compile_model=variant == ["compile"])))
         return
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -275,7 +283,7 @@ def main():
     figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
     print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
 
-    variants = [""] + ([":fp32"] if device.type == "cuda" else [])
+    variants = [""] + ([":fp32"] if device.type == "cuda" else []) + ([":compile"] if args.compile else [])
     figures["methods"] = []
     for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
         one = f"{arch}:{method}:{batch_size}{variant}"

@@ -434,11 +434,12 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # LoRA through peft (its config, injection and merge) with a lean forward of our own for the adapted layers,
 # because peft's generic one costs more than fine-tuning does on a frozen base:
 # - a pruned layer must stay exactly sparse, so its update is M * (BA). When M keeps or zeroes whole output
-#   filters/rows (M = m 1^T, structured pruning) that is m * (B A x) on the adapter's output, at LoRA's own
-#   cost; only an unstructured mask needs the dense delta M * (BA) and a second full convolution.
-# - dropout: peft keeps the dropped copy of every adapted input for A's backward. Here A(dropout(x)) is
-#   recomputed in backward from x, which the base layer keeps anyway, with the same dropout mask (the RNG
-#   state is replayed), so dropout adds no saved activations and the random stream is peft's.
+#   filters/rows (M = m 1^T, structured pruning) that is (diag(m) B) A x: the mask and LoRA's scaling go into
+#   B's few weights, not over the full-size output; only an unstructured mask needs the dense delta M * (BA)
+#   and a second full convolution.
+# - dropout: peft keeps the dropped copy of every adapted input for A's backward (float, twice). Here only the
+#   keep mask is stored (one byte per element) and A(dropout(x)) is recomputed in backward from x, which the
+#   base layer keeps anyway; the masks are the ones peft's dropout draws from the same random stream.
 
 def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """m if the pruning mask keeps or zeroes whole output rows/filters (mask = m 1^T), else None."""
@@ -448,16 +449,20 @@ def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _dropout_then(dropout: nn.Module, fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """fn(dropout(x)); when dropout is active in training, the dropped copy is recomputed in backward."""
+    """fn(dropout(x)); in training only the keep mask (bool) is stored, the dropped copy is rebuilt in backward."""
     if isinstance(dropout, nn.Identity) or not dropout.training or not torch.is_grad_enabled():
         return fn(dropout(x))
-    return torch.utils.checkpoint.checkpoint(lambda inp: fn(dropout(inp)), x, use_reentrant=False)
+    # Dropout of ones draws exactly the keep pattern dropout(x) would (the same random stream as peft's), once:
+    # replaying the draw in backward instead costs a second draw, which dominates a CPU step.
+    keep = F.dropout(torch.ones_like(x), dropout.p, training=True) != 0
+    scale = 1.0 / (1.0 - dropout.p)
+    return torch.utils.checkpoint.checkpoint(lambda inp, kept: fn(inp * kept * scale), x, keep, use_reentrant=False)
 
 
 def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Tensor:
     result = layer.base_layer(x)
     mask = getattr(layer.base_layer, "weight_mask", None)
-    rows = None if mask is None else output_row_mask(mask)
+    rows = getattr(layer.base_layer, "weight_row_mask", None)  # set by fold_frozen_masks if the mask is m 1^T
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
@@ -466,9 +471,12 @@ def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Ten
             delta = (mask * layer.get_delta_weight(name)).to(result.dtype)
             result = result + weight_fn(dropout(x).to(result.dtype), delta)
             continue
-        update = layer.lora_B[name](_dropout_then(dropout, layer.lora_A[name], x)) * layer.scaling[name]
-        if rows is not None:  # per output channel: dim 1 of a conv's output, the last dim of a linear's
-            update = update * rows.to(update.dtype).view((-1, 1, 1) if update.dim() == 4 else (-1,))
+        hidden = _dropout_then(dropout, layer.lora_A[name], x)
+        up = layer.lora_B[name]
+        scale = layer.scaling[name] if rows is None else (layer.scaling[name] * rows.to(up.weight.dtype)).view(
+            -1, *[1] * (up.weight.dim() - 1))
+        scaled = up.weight * scale
+        update = up._conv_forward(hidden, scaled, None) if isinstance(up, nn.Conv2d) else F.linear(hidden, scaled)
         result = result + update.to(result.dtype)
     return result
 
@@ -479,7 +487,8 @@ def _lora_layer_classes():
     def lean(cls, weight_fn):
         class Lean(cls):
             def forward(self, x, *args, **kwargs):
-                if args or kwargs or self.disable_adapters or self.merged or self.lora_variant:
+                if (args or kwargs or self.disable_adapters or self.merged or self.lora_variant
+                        or any(up.bias is not None for up in self.lora_B.values())):
                     return super().forward(x, *args, **kwargs)  # peft's general path for what we do not use
                 return _lean_lora_forward(self, x, lambda inp, w: weight_fn(self.base_layer, inp, w))
         Lean.__name__ = Lean.__qualname__ = f"Lean{cls.__name__}"
@@ -520,12 +529,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
 def fold_frozen_masks(model: nn.Module) -> None:
     """On pruned layers whose weights are frozen, multiply the mask into the weight once and keep the mask as a
     plain buffer, instead of recomputing weight_orig * mask in every forward and keeping the product for
-    backward. merge_lora turns them back into ordinary pruned layers."""
+    backward; a structured mask's rows (output_row_mask) are kept too. merge_lora turns them back into
+    ordinary pruned layers."""
     for m in model.modules():
         if hasattr(m, "weight_orig") and not m.weight_orig.requires_grad:
             mask = m.weight_mask
             prune.remove(m, "weight")
             m.register_buffer("weight_mask", mask)
+            m.register_buffer("weight_row_mask", output_row_mask(mask), persistent=False)
 
 
 def merge_lora(peft_model: nn.Module) -> nn.Module:
@@ -535,6 +546,7 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
         if "weight_mask" in m._buffers and not hasattr(m, "weight_orig"):  # a mask of fold_frozen_masks
             plain_name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
             masks[plain_name] = m._buffers.pop("weight_mask")
+            m._buffers.pop("weight_row_mask", None)
     model = peft_model.merge_and_unload()
     apply_masks(model, masks)
     return model
@@ -602,6 +614,7 @@ def frozen_batchnorm(model: nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()  # statistics only: no graph, no saved activations
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None,
                           batch_size: int = 256) -> None:
     """Re-estimate BatchNorm running statistics as a plain average over x (train-mode forwards, no gradient).
@@ -657,11 +670,13 @@ class TrainResult:
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
-               after_epoch: Callable[[int], dict] | None = None, desc: str = "train") -> TrainResult:
+               after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
+               compile_model: bool = False) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
-    validation data only). A non-finite loss stops the run with a UserError."""
+    validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
+    torch.compile'd view of the model (same parameters; the first steps pay the compilation)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -669,6 +684,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
     params = [p for g in optimizer.param_groups for p in g["params"]]
     history = []
     with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
+        # Compiled after the BatchNorm swap, so the graph is the one trained; the caller keeps the plain module.
+        forward_model = torch.compile(model) if compile_model else model
         for epoch in range(epochs):
             set_train_mode(model, freeze_bn)
             total, steps = torch.zeros((), device=device), 0
@@ -676,7 +693,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                        disable=None, dynamic_ncols=True)
             for batch in bar:
                 with autocast(device):
-                    loss = loss_fn(model, batch)
+                    loss = loss_fn(forward_model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip:
@@ -1111,6 +1128,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="seed of initialisation and batch order (default: %(default)s)")
     g.add_argument("--device", type=device_name, default="auto",
                    help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (for CUDA; compiling takes a minute or more)")
     g.add_argument("--out-dir", default="model_weights", help="where checkpoints go (default: %(default)s)")
     g.add_argument("--out", default=None, help="output .safetensors path (default: a descriptive name in --out-dir)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -1299,7 +1318,7 @@ def train_unlearning(run: UnlearningRun, epoch_batches: Callable[[int], Iterable
     args = run.args
     optimizer = make_optimizer(args.optimizer, run.model.parameters(), args.lr, args.weight_decay)
     return train_loop(run.model, optimizer, args.epochs, epoch_batches, loss_fn, device=run.device,
-                      freeze_bn=freeze_bn(args), desc=run.method, **loop_kwargs)
+                      freeze_bn=freeze_bn(args), desc=run.method, compile_model=args.compile, **loop_kwargs)
 
 
 def finish_run(run: UnlearningRun, result: TrainResult, extra: dict | None = None) -> None:

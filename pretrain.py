@@ -132,7 +132,7 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
         model, optimizer, (stop_epoch or args.epochs) - start_epoch,
         lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True),
         loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip,
-        after_epoch=validate if len(y_val) else None, desc=desc)
+        after_epoch=validate if len(y_val) else None, desc=desc, compile_model=args.compile)
 
 
 def mask_of(path: str, arch: str, data: common.Data) -> dict:

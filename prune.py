@@ -70,6 +70,7 @@ def main():
                                "prune pretrain.py's output")
     # Recipe keys added since the original was trained take their defaults (what that run used).
     recipe = argparse.Namespace(**dict(pretrain.RECIPE_DEFAULTS, **meta["config"]))
+    recipe.compile = args.compile  # how to run, not what to train: this run's flag
     if args.rewind_epoch is None:
         args.rewind_epoch = default_rewind_epoch(recipe.epochs)
     if not 0 <= args.rewind_epoch < recipe.epochs:

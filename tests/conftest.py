@@ -1,4 +1,5 @@
 """Shared fixtures: small real models trained once per test session on a Fashion-MNIST subset."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (the project root is on the path only now)
 
 # Small but real: a 4,000-image training subset, the CPU-sized ResNet, a few epochs.
 SUBSET = ["--dataset", "fashion-mnist", "--train-subset", "4000", "--val-fraction", "0.1"]
@@ -23,6 +25,13 @@ def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedPr
         pytest.fail(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
                     f"{proc.stderr[-3000:]}")
     return proc
+
+
+def copy_sidecar(source: Path, weights: Path) -> None:
+    """Give `weights` the sidecar of `source` with a matching checksum: a file that passes the integrity check."""
+    meta = json.loads(common.sidecar_path(source).read_text())
+    meta["weights_sha256"] = common._sha256(weights)
+    common.sidecar_path(weights).write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="session")

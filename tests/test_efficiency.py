@@ -75,14 +75,25 @@ def test_output_row_mask_tells_structured_from_unstructured_masks():
     assert common.output_row_mask(unstructured) is None
 
 
-def test_dropout_keeps_no_copy_of_the_adapted_input():
-    """Saved-for-backward bytes of a LoRA model in training are the same with dropout 0.1 as with 0."""
-    def saved_bytes(dropout):
+def test_dropout_keeps_only_a_bool_mask_of_the_adapted_input():
+    """Dropout 0.1 adds to the saved-for-backward bytes one byte per adapted input element (the keep mask),
+    where peft keeps two float copies (eight bytes)."""
+    x = torch.randn(8, 1, 28, 28)
+
+    def saved_and_input_elements(dropout):
         model = common.add_lora(_model("resnet_tiny"), rank=4, alpha=8, dropout=dropout,
                                 targets=common.LORA_DEFAULTS["resnet"]["targets"])
         common.set_train_mode(model, freeze_bn=True)
-        return common.saved_activation_bytes(model, lambda m: m(torch.randn(8, 1, 28, 28)).sum())
-    assert saved_bytes(0.1) == saved_bytes(0.0)
+        adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+        elements = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: elements.append(args[0].numel())) for m in adapted]
+        saved = common.saved_activation_bytes(model, lambda m: m(x).sum())
+        for hook in hooks:
+            hook.remove()
+        return saved, sum(elements)
+    with_dropout, adapted_elements = saved_and_input_elements(0.1)
+    without, _ = saved_and_input_elements(0.0)
+    assert adapted_elements > 0 and with_dropout - without == adapted_elements
 
 
 def test_frozen_batchnorm_computes_eval_batchnorm_keeps_less_and_restores_the_model():
@@ -102,3 +113,40 @@ def test_frozen_batchnorm_computes_eval_batchnorm_keeps_less_and_restores_the_mo
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
         assert common.saved_activation_bytes(model, lambda m: m(x).sum()) < 0.75 * eval_bytes
     assert [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == norms  # the same modules are back
+
+
+def test_compiled_training_equals_eager_and_saves_the_plain_model():
+    """train_loop(compile_model=True) on a pruned LoRA model (the PruneLoRA path, frozen BatchNorm swapped in):
+    the same weights as eager after a few steps, up to inductor's reordering of float sums."""
+    def trained(compile_model):
+        model = _model("resnet_tiny")
+        common.prune_model(model, "resnet", "l2-structured", 0.5)
+        model = common.add_lora(model, rank=4, alpha=8, dropout=0.0, targets=common.LORA_DEFAULTS["resnet"]["targets"])
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+                   for _ in range(3)]
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        common.train_loop(model, optimizer, 1, lambda epoch: batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                          device=torch.device("cpu"), freeze_bn=True, compile_model=compile_model)
+        return common.plain_state_dict(common.merge_lora(model))
+    torch._dynamo.reset()
+    eager, compiled = trained(False), trained(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the loop did run a compiled graph
+    assert compiled.keys() == eager.keys()  # no torch.compile wrapper prefix reaches the checkpoint
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
+def test_batchnorm_reestimation_averages_over_all_images_and_builds_no_graph():
+    info = common.DATASETS["fashion-mnist"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        common.recalibrate_batchnorm(model, x, info, None, batch_size=256)
+    assert not saved  # statistics only: nothing kept for a backward pass
+    with torch.no_grad():
+        features = model[0](common.normalize(x, info, None))
+    torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert model[1].momentum == 0.1  # the usual momentum is back for later training

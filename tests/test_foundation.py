@@ -1,5 +1,4 @@
 """Datasets, splits, model builders, training and checkpoints (the foundation every stage stands on)."""
-import json
 import pickle
 import shutil
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import SUBSET, run_script
+from conftest import SUBSET, copy_sidecar, run_script
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +198,7 @@ def test_truncated_and_foreign_checkpoints_are_rejected(original, original_vit, 
     # A ViT's weights under a sidecar that claims resnet_tiny (checksum made consistent): wrong architecture.
     foreign = tmp_path / "foreign.safetensors"
     shutil.copy(original_vit, foreign)
-    meta = json.loads(common.sidecar_path(original).read_text())
-    meta["weights_sha256"] = common._sha256(foreign)
-    common.sidecar_path(foreign).write_text(json.dumps(meta))
+    copy_sidecar(original, foreign)
     with pytest.raises(common.UserError, match="do not fit a resnet_tiny model"):
         common.load_checkpoint(foreign)
     with pytest.raises(common.UserError, match="holds a resnet_tiny model, not vit_tiny"):

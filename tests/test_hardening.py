@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, copy_sidecar, run_script
 
 
 def _one_error_line(proc) -> str:
@@ -92,9 +92,7 @@ def test_weights_are_checked_finite_on_load_too(original, tmp_path):
     state["fc.weight"][0, 0] = float("nan")
     bad = tmp_path / "nan.safetensors"
     save_file(state, str(bad))
-    meta = json.loads(common.sidecar_path(original).read_text())
-    meta["weights_sha256"] = common._sha256(bad)
-    common.sidecar_path(bad).write_text(json.dumps(meta))
+    copy_sidecar(original, bad)
     with pytest.raises(common.UserError, match="NaN or inf"):
         common.load_checkpoint(bad)
     with pytest.raises(common.UserError, match="beyond"):
