@@ -5,6 +5,11 @@ over the run (Unlearn-Sparse's sparsity-aware unlearning, Jia et al. 2023, Sec. 
 
 prints the resolved config, one JSON line per epoch, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
 The penalty covers the trained parameters (all of them, or the adapters + head with --lora).
+
+The decay is per step, a deliberate deviation: Unlearn-Sparse's code (unlearn/FT.py, FT_iter, --no-l1-epochs 0)
+holds a_e = alpha * (1 - e / E) through epoch e = 0..E-1, a staircase whose last epoch still carries alpha / E;
+here a_t falls smoothly to 0, so over a run the mean weight is alpha / 2 against their alpha (E + 1) / (2E)
+(0.55 alpha at E = 10). The validation choice of --alpha absorbs the difference.
 """
 import common
 
