@@ -473,8 +473,9 @@ def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Ten
             continue
         hidden = _dropout_then(dropout, layer.lora_A[name], x)
         up = layer.lora_B[name]
-        scale = layer.scaling[name] if rows is None else (layer.scaling[name] * rows.to(up.weight.dtype)).view(
-            -1, *[1] * (up.weight.dim() - 1))
+        scale = layer.scaling[name]
+        if rows is not None:  # one factor per output channel: B's rows
+            scale = scale * rows.to(up.weight.dtype).view(-1, *[1] * (up.weight.dim() - 1))
         scaled = up.weight * scale
         update = up._conv_forward(hidden, scaled, None) if isinstance(up, nn.Conv2d) else F.linear(hidden, scaled)
         result = result + update.to(result.dtype)
