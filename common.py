@@ -615,7 +615,6 @@ def frozen_batchnorm(model: nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()  # statistics only: no graph, no saved activations
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None,
                           batch_size: int = 256) -> None:
     """Re-estimate BatchNorm running statistics as a plain average over x (train-mode forwards, no gradient).
