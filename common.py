@@ -459,7 +459,12 @@ def _dropout_then(dropout: nn.Module, fn: Callable, x: torch.Tensor) -> torch.Te
     return torch.utils.checkpoint.checkpoint(lambda inp, kept: fn(inp * kept * scale), x, keep, use_reentrant=False)
 
 
-def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Tensor:
+def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's own operation (a conv with its stride and padding, or a linear) on x with another weight, no bias."""
+    return layer._conv_forward(x, weight, None) if isinstance(layer, nn.Conv2d) else F.linear(x, weight)
+
+
+def _lean_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
     mask = getattr(layer.base_layer, "weight_mask", None)
     rows = getattr(layer.base_layer, "weight_row_mask", None)  # set by fold_frozen_masks if the mask is m 1^T
@@ -469,35 +474,31 @@ def _lean_lora_forward(layer, x: torch.Tensor, weight_fn: Callable) -> torch.Ten
         dropout = layer.lora_dropout[name]
         if mask is not None and rows is None:  # unstructured mask: the exact update needs the dense delta
             delta = (mask * layer.get_delta_weight(name)).to(result.dtype)
-            result = result + weight_fn(dropout(x).to(result.dtype), delta)
+            result = result + _with_weight(layer.base_layer, dropout(x).to(result.dtype), delta)
             continue
         hidden = _dropout_then(dropout, layer.lora_A[name], x)
         up = layer.lora_B[name]
         scale = layer.scaling[name]
         if rows is not None:  # one factor per output channel: B's rows
             scale = scale * rows.to(up.weight.dtype).view(-1, *[1] * (up.weight.dim() - 1))
-        scaled = up.weight * scale
-        update = up._conv_forward(hidden, scaled, None) if isinstance(up, nn.Conv2d) else F.linear(hidden, scaled)
-        result = result + update.to(result.dtype)
+        result = result + _with_weight(up, hidden, up.weight * scale).to(result.dtype)
     return result
 
 
 def _lora_layer_classes():
     from peft.tuners.lora import layer as lora_layer
 
-    def lean(cls, weight_fn):
+    def lean(cls):
         class Lean(cls):
             def forward(self, x, *args, **kwargs):
                 if (args or kwargs or self.disable_adapters or self.merged or self.lora_variant
                         or any(up.bias is not None for up in self.lora_B.values())):
                     return super().forward(x, *args, **kwargs)  # peft's general path for what we do not use
-                return _lean_lora_forward(self, x, lambda inp, w: weight_fn(self.base_layer, inp, w))
+                return _lean_lora_forward(self, x)
         Lean.__name__ = Lean.__qualname__ = f"Lean{cls.__name__}"
         return Lean
 
-    conv = lambda b, inp, w: F.conv2d(inp, w, None, b.stride, b.padding, b.dilation, b.groups)
-    linear = lambda b, inp, w: F.linear(inp, w)
-    return {nn.Conv2d: lean(lora_layer.Conv2d, conv), nn.Linear: lean(lora_layer.Linear, linear)}
+    return {nn.Conv2d: lean(lora_layer.Conv2d), nn.Linear: lean(lora_layer.Linear)}
 
 
 BN_CALIBRATION_IMAGES = 10_000  # Dr images whose statistics replace the dense model's after pruning
