@@ -9,10 +9,10 @@
    batches already normalised in memory), same resnet_tiny, 28 px, batch 128, same steps; best of three
    interleaved passes each. Goal: ratio >= 0.9.
 2. Cost of FT, Prune+FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data,
-   at batch 32 and 128, with each script's own flags and code path (common.UnlearningRun, train_unlearning):
+   at batch 32 and 128, with each script's own defaults and steps (pruning, LoRA, common.train_loop):
    seconds per step over --steps steady-state steps (one warm-up step first, not timed), activation memory
-   (bytes autograd keeps for backward in one training forward, common.saved_activation_bytes: the same
-   figure on CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
+   (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the same figure on
+   CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
    and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Each configuration runs in its own
    process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
    scripts' sidecars) is its own.
@@ -48,11 +48,11 @@ DR_IMAGES = 45_000  # CIFAR-10 retain set of class-wise forgetting (50,000 - 5,0
 FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
 ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
 LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
-METHODS = {  # name -> the script's pruning/LoRA defaults (finetune.run's keyword arguments)
-    "finetune": dict(),
-    "pruneft": dict(prune_method=pruneft.PRUNE, sparsity=pruneft.SPARSITY),
-    "lora": dict(lora=lora.LORA),
-    "loraprune": dict(prune_method=loraprune.PRUNE, sparsity=loraprune.SPARSITY, lora=loraprune.LORA),
+METHODS = {  # name -> (its script, does it prune, does it adapt through LoRA)
+    "finetune": (finetune, False, False),
+    "pruneft": (pruneft, True, False),
+    "lora": (lora, False, True),
+    "loraprune": (loraprune, True, True),
 }
 
 
@@ -118,56 +118,58 @@ def class_forgetting_data(device: torch.device) -> common.Data:
                        spec)
 
 
-def start_run(arch: str, method: str, data: common.Data, device: torch.device, out: Path,
-              batch_size: int = BATCH_SIZE, compile_model: bool = False) -> common.UnlearningRun:
-    """What the method's script does up to its training loop, on a randomly initialised model: the script's
-    own flags and defaults (finetune.run's parser), pruning and LoRA by common.adapt_model (no BatchNorm
-    re-estimation: the model is random)."""
-    parser = common.unlearn_parser(finetune.__doc__)
-    common.add_optim_args(parser, epochs=finetune.EPOCHS, lr=finetune.LR, batch_size=BATCH_SIZE,
-                          optimizer=finetune.OPTIMIZER, weight_decay=finetune.WEIGHT_DECAY, augment=finetune.AUGMENT)
-    common.add_adapt_args(parser, **METHODS[method])
-    args = parser.parse_args(["--model", "random-init", "--forget-class", str(FORGET_CLASS), "--out", str(out),
-                              "--batch-size", str(batch_size)] + (["--compile"] if compile_model else []))
-    common.seed_everything(args.seed)
-    model = common.prepare_model(common.build_model(arch, data.info), device)
-    model, pruned_sparsity = common.adapt_model(model, common.ARCHS[arch].family, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    return common.UnlearningRun(args, method, model, dict(arch=arch), data, device, out, gen, pruned_sparsity)
+def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Module:
+    """A randomly initialised model after the method script's steps before its training loop: pruning and LoRA
+    at the script's defaults (no BatchNorm re-estimation: the model is random)."""
+    script, prunes, adapts = METHODS[method]
+    family = common.ARCHS[arch].family
+    common.seed_everything(0)
+    model = common.prepare_model(common.build_model(arch, common.DATASETS["cifar10"]), device)
+    if prunes:
+        common.prune_model(model, family, script.PRUNE, script.SPARSITY)
+    if adapts:
+        model = common.add_lora(model, **common.lora_settings(family), train_head=script.LORA_HEAD)
+    return model
 
 
-def activation_bytes(run: common.UnlearningRun) -> int:
-    """Bytes autograd keeps for backward in one training forward of the run's loss on a Dr batch, in the mode
-    train_loop runs it (frozen BatchNorm in the LoRA modes)."""
-    batch = next(iter(run.batches("retain")(0)))
-    loss_fn, frozen = run.ce_loss(run.args.augment), common.freeze_bn(run.args)
-    with common.frozen_batchnorm(run.model) if frozen else contextlib.nullcontext():
-        common.set_train_mode(run.model, frozen)
-        with common.autocast(run.device):
-            return common.saved_activation_bytes(run.model, lambda model: loss_fn(model, batch))
+def train_method(model, method: str, data: common.Data, device: torch.device, *, batch_size: int,
+                 step_limits: tuple[int, ...] | None = None, compile_model: bool = False,
+                 measure_activations: bool = False) -> common.TrainResult:
+    """The method script's training loop: cross-entropy on Dr with its optimiser, BatchNorm frozen with LoRA.
+
+    step_limits: epochs of at most these many steps each (default: the script's EPOCHS whole passes)."""
+    script, _, adapts = METHODS[method]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x_retain, y_retain = data.subset("retain")
+    retain_pass = common.shuffled_batches(x_retain, y_retain, batch_size, gen)
+    if step_limits:
+        epochs, epoch_batches = len(step_limits), lambda e: itertools.islice(retain_pass(e), step_limits[e])
+    else:
+        epochs, epoch_batches = script.EPOCHS, retain_pass
+    optimizer = common.make_optimizer(script.OPTIMIZER, model.parameters(), script.LR, script.WEIGHT_DECAY)
+    return common.train_loop(model, optimizer, epochs, epoch_batches,
+                             common.ce_loss(data.info, None, script.AUGMENT, gen), device=device, desc=method,
+                             freeze_bn=adapts, compile_model=compile_model, measure_activations=measure_activations)
 
 
 def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
                 fp32: bool = False, compile_model: bool = False) -> dict:
     """Steady-state training steps of one PruneLoRA method: one warm-up step (torch.compile's compilation
-    included, with compile_model), then `steps` timed ones."""
+    included, with compile_model; activations counted without it), then `steps` timed ones."""
     data = class_forgetting_data(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        sync(device)
-        start = time.perf_counter()
-        run = start_run(arch, method, data, device, Path(tmp) / "bench.safetensors", batch_size, compile_model)
-        sync(device)
-        prep_s = time.perf_counter() - start
-        saved = activation_bytes(run)
-        run.args.epochs = 2  # "epoch" 1 = the warm-up step (allocation, kernel selection), "epoch" 2 = timed steps
-        retain_pass = run.batches("retain")
-        result = common.train_unlearning(run, lambda epoch: itertools.islice(retain_pass(epoch), 1 if epoch == 0
-                                                                             else steps), run.ce_loss(run.args.augment))
+    sync(device)
+    start = time.perf_counter()
+    model = method_model(arch, method, device)
+    sync(device)
+    prep_s = time.perf_counter() - start
+    # "Epoch" 1 = the warm-up step (allocation, kernel selection), "epoch" 2 = the timed steps.
+    result = train_method(model, method, data, device, batch_size=batch_size, step_limits=(1, steps),
+                          compile_model=compile_model, measure_activations=not compile_model)
     step_s = (result.history[1]["time_s"] - result.history[0]["time_s"]) / steps
-    trainable, total = common.count_params(run.model)
+    trainable, total = common.count_params(model)
     return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
                 precision=precision(device, fp32, compile_model), timed_steps=steps, step_s=round(step_s, 4),
-                activation_mb=round(saved / 2**20, 1),
+                activation_mb=round(result.activation_bytes / 2**20, 1) if result.activation_bytes else None,
                 epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(prep_s, 2),
                 peak_mem_mb=round(result.peak_mem_mb), trainable_params=trainable, total_params=total,
                 trainable_pct=round(100 * trainable / total, 2))
@@ -177,7 +179,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     """Each row's step time and activation memory as ratios to FT's at the same arch, batch and precision."""
     ft = {(r["arch"], r["batch_size"], r["precision"]): r for r in rows if r["method"] == "finetune"}
     return [dict(r, step_vs_ft=round(r["step_s"] / ft[key]["step_s"], 2),
-                 activation_vs_ft=round(r["activation_mb"] / ft[key]["activation_mb"], 2))
+                 activation_vs_ft=(round(r["activation_mb"] / ft[key]["activation_mb"], 2)
+                                   if r["activation_mb"] and ft[key]["activation_mb"] else None))
             if (key := (r["arch"], r["batch_size"], r["precision"])) in ft else r for r in rows]
 
 
@@ -187,13 +190,15 @@ def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sync(device)
         start = time.perf_counter()
-        run = start_run(arch, "loraprune", data, device, Path(tmp) / "loraprune.safetensors")
-        result = common.train_unlearning(run, run.batches("retain"), run.ce_loss(run.args.augment))
-        common.finish_run(run, result)
+        model = method_model(arch, "loraprune", device)
+        result = train_method(model, "loraprune", data, device, batch_size=loraprune.BATCH_SIZE)
+        common.save_unlearned(common.merge_lora(model), Path(tmp) / "loraprune.safetensors", method="loraprune",
+                              original="random-init", original_meta=dict(arch=arch), data=data, config={},
+                              result=result, overwrite=False)
         sync(device)
         total_s = time.perf_counter() - start
     return dict(arch=arch, method="loraprune", device=str(device), precision=precision(device, False),
-                epochs=run.args.epochs, retain_images=len(data.retain), train_loop_s=round(result.wall_time_s, 1),
+                epochs=loraprune.EPOCHS, retain_images=len(data.retain), train_loop_s=round(result.wall_time_s, 1),
                 end_to_end_s=round(total_s, 1), peak_mem_mb=round(result.peak_mem_mb),
                 note="random 32 px images; excludes imports and loading a checkpoint from disk")
 
@@ -229,7 +234,8 @@ def markdown(figures: dict) -> str:
              "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
-              f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb']} | {m.get('activation_vs_ft', '')} | "
+              f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb'] or 'n/a'} |"
+              f" {m.get('activation_vs_ft') or ''} | "
               f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
               f"{m['trainable_pct']} |" for m in figures["methods"]]
     e2e = figures.get("end_to_end_loraprune")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import copy
 import dataclasses
 import gzip
 import hashlib
@@ -377,6 +376,9 @@ def global_magnitude_prune(model: nn.Module, family: str, amount: float) -> None
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
 
 
+PRUNE_METHODS = ["l2-structured", "l1-global"]
+
+
 def prune_model(model: nn.Module, family: str, method: str, amount: float) -> None:
     """Prune by name: "l2-structured" (the PruneLoRA paper's) or "l1-global" (unstructured, Unlearn-Sparse)."""
     if method == "l2-structured":
@@ -510,7 +512,14 @@ LORA_DEFAULTS = {  # the PruneLoRA paper's settings (arXiv 2411.11907, Sec. 3)
 }
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str,
+def lora_settings(family: str, *, rank: int | None = None, alpha: float | None = None,
+                  dropout: float | None = None, targets: str | None = None) -> dict:
+    """add_lora's rank, alpha, dropout and targets: the values given, the family's paper defaults for None."""
+    given = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    return {key: LORA_DEFAULTS[family][key] if value is None else value for key, value in given.items()}
+
+
+def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets: str,
              train_head: bool = True) -> nn.Module:
     """Freeze the model and wrap it with peft LoRA adapters; the classifier head stays trainable if train_head.
 
@@ -562,6 +571,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def device_and_generator(name: str, *, seed: int) -> tuple[torch.device, torch.Generator]:
+    """Seed every global random number generator, pick the device, and return it with a generator on it seeded
+    the same: a script's own randomness (batch order, augmentation, sampling) draws from that generator."""
+    seed_everything(seed)
+    device = pick_device(name)
+    return device, torch.Generator(device=device).manual_seed(seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -643,9 +660,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def saved_activation_bytes(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward while forward(model) runs: distinct storages, the model's parameters and
-    buffers excluded. The activation memory of a training step, the same figure on any device."""
+def saved_activation_bytes(model: nn.Module,
+                           forward: Callable[[nn.Module], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """forward(model), and the bytes autograd keeps for backward while it runs: distinct storages, the model's
+    parameters and buffers excluded. The activation memory of a training step, the same figure on any device."""
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved = {}
 
@@ -656,9 +674,8 @@ def saved_activation_bytes(model: nn.Module, forward: Callable[[nn.Module], torc
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(model)  # kept alive until the count is taken, so no saved storage is freed and reused
-    del out
-    return sum(saved.values())
+        out = forward(model)  # its graph keeps every saved storage alive, so no pointer is freed and reused
+    return out, sum(saved.values())
 
 
 @dataclass
@@ -666,24 +683,27 @@ class TrainResult:
     wall_time_s: float
     peak_mem_mb: float
     history: list[dict]
+    trainable_params: int  # the parameters the update changed
+    activation_bytes: int | None = None  # saved for backward in the first step (train_loop's measure_activations)
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
                after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
-               compile_model: bool = False) -> TrainResult:
+               compile_model: bool = False, measure_activations: bool = False) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
     validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
-    torch.compile'd view of the model (same parameters; the first steps pay the compilation)."""
+    torch.compile'd view of the model (same parameters; the first steps pay the compilation).
+    measure_activations records the first step's saved_activation_bytes (not with compile_model)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    history = []
+    history, activation_bytes = [], None
     with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
         # Compiled after the BatchNorm swap, so the graph is the one trained; the caller keeps the plain module.
         forward_model = torch.compile(model) if compile_model else model
@@ -694,7 +714,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                        disable=None, dynamic_ncols=True)
             for batch in bar:
                 with autocast(device):
-                    loss = loss_fn(forward_model, batch)
+                    if measure_activations and activation_bytes is None:
+                        loss, activation_bytes = saved_activation_bytes(forward_model, lambda m: loss_fn(m, batch))
+                    else:
+                        loss = loss_fn(forward_model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip:
@@ -717,7 +740,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
             tqdm.write(json.dumps(record))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(time.perf_counter() - start, peak_memory_mb(device), history)
+    return TrainResult(time.perf_counter() - start, peak_memory_mb(device), history,
+                       trainable_params=sum(p.numel() for p in params), activation_bytes=activation_bytes)
 
 
 def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, gen: torch.Generator | None = None):
@@ -1112,13 +1136,23 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="keep only N random training images, for quick runs; 0 = all (default: %(default)s)")
 
 
-def add_forget_args(parser: argparse.ArgumentParser) -> None:
+class _RandomForget(argparse.Action):
+    """--forget-random N: random-sample forgetting, which replaces the default forget class."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.forget_random, namespace.forget_class = values, None
+
+
+def add_forget_args(parser: argparse.ArgumentParser, *, forget_class: int) -> None:
+    """--forget-class K (default forget_class) or --forget-random N, never both; --forget-seed."""
     g = parser.add_argument_group("forget set")
-    g.add_argument("--forget-class", type=non_negative_int, default=None,
-                   help="class-wise forgetting of class K (default: 3, the PruneLoRA paper's cat, "
-                        "unless --forget-random is given)")
-    g.add_argument("--forget-random", type=non_negative_int, default=0,
-                   help="random-sample forgetting of N training images (default: %(default)s = off)")
+    kind = g.add_mutually_exclusive_group()
+    # The default as a string, which argparse converts when the flag is absent: an explicit --forget-class K
+    # then never is the default object, so argparse refuses it beside --forget-random even when K is the default.
+    kind.add_argument("--forget-class", type=non_negative_int, default=str(forget_class), metavar="K",
+                      help="class-wise forgetting of class K (default: %(default)s)")
+    kind.add_argument("--forget-random", type=positive_int, default=0, action=_RandomForget, metavar="N",
+                      help="random-sample forgetting of N training images instead")
     g.add_argument("--forget-seed", type=non_negative_int, default=0,
                    help="seed that draws the random forget set (default: %(default)s)")
 
@@ -1136,12 +1170,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
-def unlearn_parser(doc: str) -> argparse.ArgumentParser:
+def unlearn_parser(doc: str, *, forget_class: int) -> argparse.ArgumentParser:
     """Parser with the flags every unlearning script shares: the model to unlearn, the forget set, the run."""
     parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint of the original model (pretrain.py's output)")
     parser.add_argument("--data-dir", default="./data", help="torchvision dataset root (default: %(default)s)")
-    add_forget_args(parser)
+    add_forget_args(parser, forget_class=forget_class)
     add_run_args(parser)
     return parser
 
@@ -1160,93 +1194,37 @@ def add_optim_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, b
                    help="random crop + flip on the batches (default: %(default)s)")
 
 
-def add_adapt_args(parser: argparse.ArgumentParser, *, prune_method: str = "none", sparsity: float = 0.5,
-                   lora: bool = False, lora_head: bool = True) -> None:
-    """Flags for "prune first, then adapt": pruning before the update, and LoRA instead of full weights."""
-    g = parser.add_argument_group("pruning and LoRA")
-    g.add_argument("--prune", default=prune_method, choices=["none", "l2-structured", "l1-global"],
-                   help="prune before unlearning (default: %(default)s)")
+def add_prune_args(parser: argparse.ArgumentParser, *, method: str, sparsity: float) -> None:
+    """Flags of the pruning step; method "none" (scripts where pruning is an option) skips it by default."""
+    g = parser.add_argument_group("pruning")
+    g.add_argument("--prune", default=method, choices=(["none"] if method == "none" else []) + PRUNE_METHODS,
+                   help="l2-structured: whole filters/rows by L2 norm, per layer; l1-global: single weights by "
+                        "|w| over all layers (default: %(default)s)")
     g.add_argument("--sparsity", type=unit_fraction, default=sparsity, help="fraction pruned (default: %(default)s)")
     g.add_argument("--allow-regrowth", action="store_true",
                    help="drop the pruning masks before the update, as the seed code did (pruned weights regrow)")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=lora,
-                   help="train LoRA adapters + head instead of all weights (default: %(default)s)")
-    g.add_argument("--lora-rank", type=positive_int, default=None, help="default: 8 for ResNets, 16 for ViTs")
-    g.add_argument("--lora-alpha", type=positive_float, default=None, help="default: 16 for ResNets, 32 for ViTs")
-    g.add_argument("--lora-dropout", type=unit_fraction, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
-    g.add_argument("--lora-targets", default=None,
-                   help="regex or comma-separated module-name suffixes (default: the residual blocks' convs; "
-                        "the ViT blocks' qkv, proj, fc1, fc2)")
-    g.add_argument("--lora-head", action=argparse.BooleanOptionalAction, default=lora_head,
-                   help="train the classifier head beside the adapters (default: %(default)s)")
-    g.add_argument("--update-bn", action="store_true", help="let BatchNorm running statistics update in LoRA mode")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="after pruning, re-estimate BatchNorm statistics on up to "
                         f"{BN_CALIBRATION_IMAGES:,} Dr images; not with --allow-regrowth, whose pruned channels "
                         "would then be scaled by 1/sqrt(eps) as they regrow (default: %(default)s)")
 
 
-def resolve_adapt_args(args: argparse.Namespace, family: str) -> None:
-    """Fill the LoRA flags left at None with the architecture family's paper defaults."""
-    for key, value in LORA_DEFAULTS[family].items():
-        if getattr(args, f"lora_{key}") is None:
-            setattr(args, f"lora_{key}", value)
-
-
-def adapt_model(model: nn.Module, family: str, args: argparse.Namespace) -> tuple[nn.Module, float]:
-    """Prune (masks kept unless --allow-regrowth), then wrap with LoRA if asked.
-
-    Returns the model to train and its sparsity right after pruning."""
-    if args.prune != "none":
-        prune_model(model, family, args.prune, args.sparsity)
-    if args.allow_regrowth:
-        allow_regrowth(model)
-    pruned_sparsity = sparsity(model, family)
-    if args.lora:
-        resolve_adapt_args(args, family)
-        model = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
-                         args.lora_head)
-    return model, pruned_sparsity
-
-
-def finish_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """The plain model to save: LoRA merged in (masks kept), ready for plain_state_dict."""
-    return merge_lora(model) if args.lora else model
-
-
-def freeze_bn(args: argparse.Namespace) -> bool:
-    """BatchNorm statistics stay frozen in LoRA modes unless --update-bn (a seed-code defect otherwise)."""
-    return args.lora and not args.update_bn
-
-
-def forget_kwargs(args: argparse.Namespace) -> dict:
-    """Forget-set keywords of make_data from parsed flags; class 3 unless random-sample forgetting is asked."""
-    forget_class = args.forget_class
-    if forget_class is None and not args.forget_random:
-        forget_class = 3  # the PruneLoRA paper's class (cat in CIFAR-10)
-    return dict(forget_class=forget_class, forget_random=args.forget_random, forget_seed=args.forget_seed)
-
-
-def data_from_args(args: argparse.Namespace, device: torch.device, forget: dict | None = None) -> Data:
-    return make_data(args.dataset, args.data_dir, device, val_fraction=args.val_fraction,
-                     split_seed=args.split_seed, train_subset=args.train_subset, download=args.download,
-                     **(forget or {}))
-
-
-def setup_unlearning(args: argparse.Namespace, method: str) -> tuple[nn.Module, dict, Data, torch.device, Path]:
-    """Seed, pick the device, load the original model and cut its dataset into this run's forget/retain sets.
-
-    The dataset and train/val split come from the original's sidecar, so every method sees the same images."""
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    model, meta = load_checkpoint(args.model, device)
-    split = {k: v for k, v in meta["data"].items() if k not in ("forget_hash", "forget_count")}
-    spec = dict(split, **forget_kwargs(args))
-    args.forget_class = spec["forget_class"]  # print and record the resolved forget set
-    data = data_from_spec(spec, args.data_dir, device)
-    out = check_writable(args.out or default_output(args.out_dir, data, meta["arch"], method, args.seed),
-                         args.overwrite)
-    return model, meta, data, device, out
+def add_lora_args(parser: argparse.ArgumentParser, *, lora: bool | None = None, train_head: bool = True) -> None:
+    """Flags of the LoRA step; lora=True/False also adds the --lora/--no-lora switch with that default (scripts
+    where LoRA is an option), None leaves it out (scripts that always adapt through LoRA)."""
+    g = parser.add_argument_group("LoRA")
+    if lora is not None:
+        g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=lora,
+                       help="train LoRA adapters (+ head) instead of all weights (default: %(default)s)")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="default: 8 for ResNets, 16 for ViTs")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="default: 16 for ResNets, 32 for ViTs")
+    g.add_argument("--lora-dropout", type=unit_fraction, default=None, help="default: 0.1 for ResNets, 0 for ViTs")
+    g.add_argument("--lora-targets", default=None,
+                   help="regex or comma-separated module-name suffixes (default: the residual blocks' convs; "
+                        "the ViT blocks' qkv, proj, fc1, fc2)")
+    g.add_argument("--lora-head", action=argparse.BooleanOptionalAction, default=train_head,
+                   help="train the classifier head beside the adapters (default: %(default)s)")
+    g.add_argument("--update-bn", action="store_true", help="let BatchNorm running statistics update in LoRA mode")
 
 
 def print_config(title: str, config: dict) -> None:
@@ -1254,7 +1232,35 @@ def print_config(title: str, config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Unlearning runs: what every unlearning script does before and after its own objective.
+# Unlearning runs: the steps every unlearning script shares before and after its own objective.
+
+def load_original(path: str | Path, device: torch.device, *, data_dir: str | Path, forget_class: int | None,
+                  forget_random: int, forget_seed: int) -> tuple[nn.Module, dict, Data]:
+    """The model to unlearn, its sidecar, and its dataset cut into this run's forget set and retain set.
+
+    The dataset and train/val split come from the model's sidecar, so every method sees the same images."""
+    model, meta = load_checkpoint(path, device)
+    split = {k: v for k, v in meta["data"].items() if k not in ("forget_hash", "forget_count")}
+    data = data_from_spec(dict(split, forget_class=forget_class, forget_random=forget_random,
+                               forget_seed=forget_seed), data_dir, device)
+    return model, meta, data
+
+
+def claim_output(out: str | Path | None, *, out_dir: str | Path, data: Data, arch: str, method: str, seed: int,
+                 overwrite: bool) -> Path:
+    """The checkpoint path (out, or a descriptive name in out_dir), claimed before any work (check_writable)."""
+    return check_writable(out or default_output(out_dir, data, arch, method, seed), overwrite)
+
+
+def random_subset(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Up to n rows of x drawn at random without replacement."""
+    return x[torch.randperm(len(x), device=x.device, generator=gen)[:n]]
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator):
+    """train_loop's epoch_batches for one shuffled pass over (x, y) per epoch."""
+    return lambda epoch: batches(x, y, batch_size, shuffle=True, gen=gen)
+
 
 def quick_report(model: nn.Module, data: Data, input_size: int | None) -> dict:
     """Accuracies a method prints when it ends: Df, Dr, and the test set's retained and forgotten parts."""
@@ -1266,75 +1272,28 @@ def quick_report(model: nn.Module, data: Data, input_size: int | None) -> dict:
     return report
 
 
-@dataclass
-class UnlearningRun:
-    """Everything an unlearning script works with: the (pruned, adapted) model, its data and where it goes."""
-    args: argparse.Namespace
-    method: str
-    model: nn.Module
-    meta: dict  # the original checkpoint's sidecar
-    data: Data
-    device: torch.device
-    out: Path
-    gen: torch.Generator  # batch order and augmentation
-    sparsity_after_pruning: float
-    teacher: nn.Module | None = None  # frozen copy of the loaded model, if asked for
-    prep_time_s: float = 0.0  # pruning, adapters and BatchNorm recalibration: part of the method's cost
+def save_unlearned(model: nn.Module, out: Path, *, method: str, original: str | Path, original_meta: dict,
+                   data: Data, config: dict, result: TrainResult, overwrite: bool, prep_time_s: float = 0.0,
+                   sparsity_after_pruning: float | None = None, extra: dict | None = None) -> dict:
+    """Save an unlearned plain model (adapters merged) with its sidecar and quick report; return the sidecar.
 
-    @property
-    def input_size(self) -> int | None:
-        return ARCHS[self.meta["arch"]].input_size
-
-    def ce_loss(self, augment: bool):
-        return ce_loss(self.data.info, self.input_size, augment, self.gen)
-
-    def batches(self, split: str, labels: torch.Tensor | None = None, batch_size: int | None = None):
-        """A shuffled pass over a split (optionally with replacement labels), as train_loop's epoch_batches."""
-        x, y = self.data.subset(split)
-        y = y if labels is None else labels
-        return lambda epoch: batches(x, y, batch_size or self.args.batch_size, shuffle=True, gen=self.gen)
+    The recorded wall time adds prep_time_s (pruning, adapters, BatchNorm re-estimation) to the update's;
+    sparsity_after_pruning is recorded where the script pruned."""
+    report = quick_report(model, data, ARCHS[original_meta["arch"]].input_size)
+    result = dataclasses.replace(result, wall_time_s=result.wall_time_s + prep_time_s)
+    return save_checkpoint(
+        model, out, arch=original_meta["arch"], method=method, data=data, config=config, result=result,
+        trainable_params=result.trainable_params, overwrite=overwrite,
+        extra=dict(parent=str(original), quick_report=report, source_pruned=bool(original_meta.get("pruned_modules")),
+                   **({} if sparsity_after_pruning is None else
+                      dict(sparsity_after_pruning=round(sparsity_after_pruning, 6))), **(extra or {})))
 
 
-def start_unlearning(args: argparse.Namespace, method: str, keep_teacher: bool = False) -> UnlearningRun:
-    """Load the original, cut this run's forget/retain sets, prune and wrap with LoRA as asked, print the config.
-
-    keep_teacher: also keep a frozen copy of the loaded model (before pruning and adapters) as run.teacher."""
-    model, meta, data, device, out = setup_unlearning(args, method)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if keep_teacher else None
-    start = time.perf_counter()
-    model, pruned_sparsity = adapt_model(model, ARCHS[meta["arch"]].family, args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    if args.prune != "none" and args.recalibrate_bn and not args.allow_regrowth:
-        x_retain, _ = data.subset("retain")
-        pick = torch.randperm(len(x_retain), device=device, generator=gen)[:BN_CALIBRATION_IMAGES]
-        recalibrate_batchnorm(model, x_retain[pick], data.info, ARCHS[meta["arch"]].input_size)
-    print_config(method, vars(args))
-    return UnlearningRun(args, method, model, meta, data, device, out, gen, pruned_sparsity, teacher,
-                         prep_time_s=time.perf_counter() - start)
-
-
-def train_unlearning(run: UnlearningRun, epoch_batches: Callable[[int], Iterable],
-                     loss_fn: Callable[[nn.Module, tuple], torch.Tensor], **loop_kwargs) -> TrainResult:
-    """train_loop with the run's optimiser flags; BatchNorm statistics frozen in LoRA modes."""
-    args = run.args
-    optimizer = make_optimizer(args.optimizer, run.model.parameters(), args.lr, args.weight_decay)
-    return train_loop(run.model, optimizer, args.epochs, epoch_batches, loss_fn, device=run.device,
-                      freeze_bn=freeze_bn(args), desc=run.method, compile_model=args.compile, **loop_kwargs)
-
-
-def finish_run(run: UnlearningRun, result: TrainResult, extra: dict | None = None) -> None:
-    """Merge adapters, save weights and sidecar, print the one-line summary of an unlearning run."""
-    trainable = count_params(run.model)[0]
-    result = dataclasses.replace(result, wall_time_s=result.wall_time_s + run.prep_time_s)
-    model = finish_model(run.model, run.args)
-    report = quick_report(model, run.data, run.input_size)
-    saved = save_checkpoint(model, run.out, arch=run.meta["arch"], method=run.method, data=run.data,
-                            config=vars(run.args), result=result, trainable_params=trainable,
-                            overwrite=run.args.overwrite,
-                            extra=dict(parent=str(run.args.model), quick_report=report,
-                                       source_pruned=bool(run.meta.get("pruned_modules")),
-                                       sparsity_after_pruning=round(run.sparsity_after_pruning, 6), **(extra or {})))
-    scope = "retained classes" if run.data.forget_class is not None else "whole test set"
-    print(f"{run.method}: {result.wall_time_s:.1f}s, {trainable:,}/{saved['total_params']:,} params trained, "
-          f"sparsity {saved['sparsity']:.3f}; Acc(Df) {report['forget_acc']:.2f}%, "
-          f"Acc(Dr) {report['retain_acc']:.2f}%, test acc {report['test_retain_acc']:.2f}% ({scope}) -> {run.out}")
+def print_summary(sidecar: dict, out: Path) -> None:
+    """The one line an unlearning script ends with: cost, Acc(Df), Acc(Dr), test accuracy, output path."""
+    report = sidecar["quick_report"]
+    scope = "retained classes" if sidecar["data"]["forget_class"] is not None else "whole test set"
+    print(f"{sidecar['method']}: {sidecar['wall_time_s']:.1f}s, {sidecar['trainable_params']:,}/"
+          f"{sidecar['total_params']:,} params trained, sparsity {sidecar['sparsity']:.3f}; "
+          f"Acc(Df) {report['forget_acc']:.2f}%, Acc(Dr) {report['retain_acc']:.2f}%, "
+          f"test acc {report['test_retain_acc']:.2f}% ({scope}) -> {out}")

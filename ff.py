@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "ff"
+FORGET_CLASS = 3  # the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 ALPHA = 1e-6  # noise scale; Golatkar et al. use 1e-6..1e-8
 EPS = 1e-8
 MAX_VAR = 1e3  # clamp on 1 / (F + eps) before alpha: weights with ~zero Fisher would get unbounded noise
@@ -62,7 +64,7 @@ def noise_variance(fisher: torch.Tensor, alpha: float, eps: float, is_head: bool
 
 
 def main():
-    parser = common.unlearn_parser(__doc__)
+    parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     g = parser.add_argument_group("Fisher forgetting")
     g.add_argument("--alpha", type=common.positive_float, default=ALPHA, help="noise scale (default: %(default)s)")
     g.add_argument("--eps", type=common.positive_float, default=EPS, help="added to the Fisher (default: %(default)s)")
@@ -72,18 +74,23 @@ def main():
     g.add_argument("--zero-forget-head", action=argparse.BooleanOptionalAction, default=ZERO_FORGET_HEAD,
                    help="class-wise: reset the forgotten class's head row (default: %(default)s)")
     args = parser.parse_args()
-    # FF updates every weight in place: pruning and LoRA do not apply (a pruned input model keeps its mask).
-    args.prune, args.allow_regrowth, args.lora, args.sparsity = "none", False, False, 0.0
 
-    unlearning = common.start_unlearning(args, "ff")
-    model, data = unlearning.model, unlearning.data
+    # The original model, and its training split cut into this run's forget set Df and retain set Dr. FF moves
+    # every weight in place, without training: a sparse (prune.py) model keeps its mask.
+    device, gen = common.device_and_generator(args.device, seed=args.seed)
+    model, meta, data = common.load_original(args.model, device, data_dir=args.data_dir, forget_class=args.forget_class,
+                                             forget_random=args.forget_random, forget_seed=args.forget_seed)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=meta["arch"], method=METHOD,
+                              seed=args.seed, overwrite=args.overwrite)
+    common.print_config(METHOD, vars(args))
+
+    # The retain loss's diagonal Fisher, then one draw of noise scaled by its inverse.
     model.eval()
     x_retain, _ = data.subset("retain")
     if args.fisher_samples:
-        x_retain = x_retain[torch.randperm(len(x_retain), device=x_retain.device,
-                                           generator=unlearning.gen)[:args.fisher_samples]]
+        x_retain = common.random_subset(x_retain, args.fisher_samples, gen)
     start = time.perf_counter()
-    fisher = retain_fisher(model, x_retain, data.info, unlearning.input_size, args.fisher_batch)
+    fisher = retain_fisher(model, x_retain, data.info, common.ARCHS[meta["arch"]].input_size, args.fisher_batch)
     head = common.classifier_name(model) + "."
     forget_row = data.forget_class if args.zero_forget_head else None
     with torch.no_grad():
@@ -94,9 +101,13 @@ def main():
             if name.startswith(head) and forget_row is not None:
                 p[forget_row] = 0.0
                 var[forget_row] = FORGET_ROW_VAR * SCALE_HEAD_AND_1D
-            p.add_(var.sqrt() * torch.randn(p.shape, device=p.device, generator=unlearning.gen))
-    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(unlearning.device), [])
-    common.finish_run(unlearning, result)
+            p.add_(var.sqrt() * torch.randn(p.shape, device=p.device, generator=gen))
+    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(device), [],
+                                trainable_params=common.count_params(model)[0])
+
+    saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
+                                  config=vars(args), result=result, overwrite=args.overwrite)
+    common.print_summary(saved, out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "iu"
+FORGET_CLASS = 3  # the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 ALPHA = 1.0  # step size along H^-1 v (1 = the Newton step)
 DAMPING = 0.3  # lambda in H = lambda I + G^T G / m; smaller = bigger steps (0.1 already wrecks resnet_tiny)
 FISHER_SAMPLES = 1000  # per-sample retain gradients in G (Jia et al. 2023: ~1,000)
@@ -55,7 +57,7 @@ def mean_gradient(model, x, y, info, input_size, batch_size, names):
 
 
 def main():
-    parser = common.unlearn_parser(__doc__)
+    parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     g = parser.add_argument_group("influence unlearning")
     g.add_argument("--alpha", type=common.positive_float, default=ALPHA, help="step size (default: %(default)s)")
     g.add_argument("--damping", type=common.positive_float, default=DAMPING, help="Fisher damping (default: %(default)s)")
@@ -63,18 +65,25 @@ def main():
     g.add_argument("--batch-size", type=common.positive_int, default=BATCH_SIZE, help="(default: %(default)s)")
     g.add_argument("--chunk", type=common.positive_int, default=CHUNK, help="(default: %(default)s)")
     args = parser.parse_args()
-    # IU updates every weight in place: pruning and LoRA do not apply (a pruned input model keeps its mask).
-    args.prune, args.allow_regrowth, args.lora, args.sparsity = "none", False, False, 0.0
 
-    unlearning = common.start_unlearning(args, "iu")
-    model, data, info, input_size = unlearning.model, unlearning.data, unlearning.data.info, unlearning.input_size
+    # The original model, and its training split cut into this run's forget set Df and retain set Dr. IU moves
+    # every weight in place, without training: a sparse (prune.py) model keeps its mask.
+    device, gen = common.device_and_generator(args.device, seed=args.seed)
+    model, meta, data = common.load_original(args.model, device, data_dir=args.data_dir, forget_class=args.forget_class,
+                                             forget_random=args.forget_random, forget_seed=args.forget_seed)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=meta["arch"], method=METHOD,
+                              seed=args.seed, overwrite=args.overwrite)
+    info, input_size = data.info, common.ARCHS[meta["arch"]].input_size
+    common.print_config(METHOD, vars(args))
+
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     x_forget, y_forget = data.subset("forget")
     x_retain, y_retain = data.subset("retain")
     start = time.perf_counter()
 
-    pick = torch.randperm(len(x_retain), device=x_retain.device, generator=unlearning.gen)[:args.fisher_samples]
+    # G: per-sample retain gradients, the empirical Fisher's factor.
+    pick = torch.randperm(len(x_retain), device=x_retain.device, generator=gen)[:args.fisher_samples]
     per_sample = []
     for xb, yb in common.batches(x_retain[pick], y_retain[pick], args.chunk):
         grads = common.per_sample_gradients(model, common.normalize(xb, info, input_size), yb,
@@ -82,6 +91,7 @@ def main():
         per_sample.append(flat(grads, names, per_sample=True))
     fisher_grads = torch.cat(per_sample)
 
+    # The Newton step theta += alpha H^-1 v.
     g_forget = mean_gradient(model, x_forget, y_forget, info, input_size, args.batch_size, names)
     g_retain = mean_gradient(model, x_retain, y_retain, info, input_size, args.batch_size, names)
     v = len(x_forget) / (len(x_forget) + len(x_retain)) * (g_forget - g_retain)
@@ -94,8 +104,13 @@ def main():
             if name in names:
                 p.add_(step[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(unlearning.device), [])
-    common.finish_run(unlearning, result, extra=dict(step_norm=float(step.norm())))
+    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(device), [],
+                                trainable_params=common.count_params(model)[0])
+
+    saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
+                                  config=vars(args), result=result, overwrite=args.overwrite,
+                                  extra=dict(step_norm=float(step.norm())))
+    common.print_summary(saved, out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import common
 
+FORGET_CLASS = 3  # --retrain: the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 # Training recipes of the papers. The CPU-sized ones are ours, for the Fashion-MNIST demo and profiles.
 RECIPES = {
     # PruneLoRA paper, ResNet-50: SGD 0.1, momentum 0.9, wd 5e-4, cosine, 200 epochs, batch 128, crop+flip
@@ -50,7 +51,7 @@ def parse_args():
                              "initialisation on, the exact reference for unlearning that sparse model")
     parser.add_argument("--pretrained-weights", default=None, help="local ImageNet weights file for vit_base")
     common.add_data_args(parser)
-    common.add_forget_args(parser)
+    common.add_forget_args(parser, forget_class=FORGET_CLASS)
     g = parser.add_argument_group("recipe (default: the architecture's recipe, printed at start)")
     g.add_argument("--epochs", type=common.positive_int)
     g.add_argument("--batch-size", type=common.positive_int)
@@ -164,8 +165,12 @@ def main():
     common.print_config("pretrain", vars(args))
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    forget = common.forget_kwargs(args) if args.retrain else None
-    data = common.data_from_args(args, device, forget)
+    # Retrain: the training split without this run's forget set; the original: the whole training split.
+    forget = dict(forget_class=args.forget_class, forget_random=args.forget_random,
+                  forget_seed=args.forget_seed) if args.retrain else {}
+    data = common.make_data(args.dataset, args.data_dir, device, val_fraction=args.val_fraction,
+                            split_seed=args.split_seed, train_subset=args.train_subset, download=args.download,
+                            **forget)
     method = "retrain" if args.retrain else "original"
     name = "retrain-sparse" if args.mask_from else method
     out = common.check_writable(args.out or common.default_output(args.out_dir, data, args.arch, name, args.seed),

@@ -101,7 +101,7 @@ def main():
                                              start_epoch=args.rewind_epoch))
 
     result = common.TrainResult(sum(r.wall_time_s for r in results), max(r.peak_mem_mb for r in results),
-                                [h for r in results for h in r.history])
+                                [h for r in results for h in r.history], results[0].trainable_params)
     test_acc = pretrain.test_accuracy(model, recipe, data)
     val_acc = result.history[-1].get("val_acc", float("nan"))
     saved = common.save_checkpoint(model, out, arch=recipe.arch, method=method, data=data,

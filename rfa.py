@@ -26,6 +26,9 @@ along (Fashion-MNIST, 6,000 random images: Acc(Dr) 31%, against 85% with nearest
 
 prints the resolved config, one JSON line per epoch, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
 """
+import copy
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +37,8 @@ from timm.models.vision_transformer import Block
 
 import common
 
+METHOD = "rfa"
+FORGET_CLASS = 3  # the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 TARGET = {"class": "teacher-ce", "random": "nearest-class-mean"}  # per forget kind, chosen on validation
 EPOCHS = 5  # passes over Df
 LR = 1e-3
@@ -43,6 +48,7 @@ WEIGHT_DECAY = 0.0
 AUGMENT = False
 RETAIN_WEIGHT = 1.0
 FORGET_WEIGHT = 1.0
+LORA_HEAD = False  # only the adapters train: the head stays the teacher's
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
@@ -78,7 +84,7 @@ def class_means(teacher, tap, x, y, num_classes, info, input_size, batch_size=51
 
 
 def main():
-    parser = common.unlearn_parser(__doc__)
+    parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     g = parser.add_argument_group("residual feature alignment")
     g.add_argument("--target", default=None, choices=["nearest-class-mean", "teacher-ce"],
                    help=f"where Df's features are shifted (default: {TARGET['class']} class-wise, "
@@ -87,18 +93,31 @@ def main():
     g.add_argument("--forget-weight", type=common.non_negative_float, default=FORGET_WEIGHT, help="(default: %(default)s)")
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
-    common.add_adapt_args(parser, lora=True, lora_head=False)
+    common.add_lora_args(parser, train_head=LORA_HEAD)
     args = parser.parse_args()
-    common.check_sparsity(args.sparsity)
-    if not args.lora:
-        raise common.UserError("RFA trains LoRA adapters by definition; --no-lora is not supported")
     args.target = args.target or TARGET["random" if args.forget_random else "class"]
 
-    unlearning = common.start_unlearning(args, "rfa", keep_teacher=True)
-    teacher, student, data = unlearning.teacher, unlearning.model, unlearning.data
+    # The original model, and its training split cut into this run's forget set Df and retain set Dr.
+    device, gen = common.device_and_generator(args.device, seed=args.seed)
+    model, meta, data = common.load_original(args.model, device, data_dir=args.data_dir, forget_class=args.forget_class,
+                                             forget_random=args.forget_random, forget_seed=args.forget_seed)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=meta["arch"], method=METHOD,
+                              seed=args.seed, overwrite=args.overwrite)
+    arch = common.ARCHS[meta["arch"]]
+    lora = common.lora_settings(arch.family, rank=args.lora_rank, alpha=args.lora_alpha,
+                                dropout=args.lora_dropout, targets=args.lora_targets)
+    config = dict(vars(args), lora_settings=lora)
+    common.print_config(METHOD, config)
+
+    # Teacher: the frozen original. Student: the original with LoRA adapters (B = 0: equal to the teacher).
+    start = time.perf_counter()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    student = common.add_lora(model, **lora, train_head=args.lora_head)
+    prep_time_s = time.perf_counter() - start
     teacher_tap = FeatureTap(teacher, teacher.get_classifier())
     student_tap = FeatureTap(student, student.get_classifier())
-    info, input_size, num_classes = data.info, unlearning.input_size, data.info.num_classes
+    info, input_size, num_classes = data.info, arch.input_size, data.info.num_classes
+    x_forget, y_forget = data.subset("forget")
     x_retain, y_retain = data.subset("retain")
     means = class_means(teacher, teacher_tap, x_retain, y_retain, num_classes, info, input_size)
 
@@ -125,9 +144,18 @@ def main():
         forget = shift_loss(common.normalize(x_forget, info, input_size), y_forget)
         return args.retain_weight * retain + args.forget_weight * forget
 
-    forget_pass, retain_pass = unlearning.batches("forget"), unlearning.batches("retain")
-    result = common.train_unlearning(unlearning, lambda epoch: zip(forget_pass(epoch), retain_pass(epoch)), loss_fn)
-    common.finish_run(unlearning, result)
+    # Each step: one Df batch and one Dr batch of the same size; BatchNorm statistics stay frozen.
+    forget_pass = common.shuffled_batches(x_forget, y_forget, args.batch_size, gen)
+    retain_pass = common.shuffled_batches(x_retain, y_retain, args.batch_size, gen)
+    optimizer = common.make_optimizer(args.optimizer, student.parameters(), args.lr, args.weight_decay)
+    result = common.train_loop(student, optimizer, args.epochs,
+                               lambda epoch: zip(forget_pass(epoch), retain_pass(epoch)), loss_fn, device=device,
+                               desc=METHOD, freeze_bn=not args.update_bn, compile_model=args.compile)
+
+    model = common.merge_lora(student)
+    saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
+                                  config=config, result=result, overwrite=args.overwrite, prep_time_s=prep_time_s)
+    common.print_summary(saved, out)
 
 
 if __name__ == "__main__":

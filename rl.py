@@ -6,14 +6,17 @@ authors' unlearn/RL.py). Fresh labels are drawn every epoch, uniformly over all 
     python rl.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 
 prints the resolved config, one JSON line per epoch, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
-Works on dense or pruned (prune.py) models, masks kept; --lora adapts through LoRA instead of all weights.
+Works on dense or sparse (prune.py) models, masks kept; --lora adapts through LoRA instead of all weights.
 """
 import argparse
+import time
 
 import torch
 
 import common
 
+METHOD = "rl"
+FORGET_CLASS = 3  # the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 # Unlearn-Sparse settings (Jia et al. 2023, App. C): SGD momentum 0.9, wd 5e-4, batch 256, augmentation.
 EPOCHS = 10  # passes over Dr with the relabelled Df mixed in
 LR = 0.01
@@ -22,6 +25,7 @@ OPTIMIZER = "sgd"
 WEIGHT_DECAY = 5e-4
 AUGMENT = True
 WRONG_LABELS_ONLY = False  # upstream draws randint(0, C): a random label may equal the true one
+LORA = False  # True: train LoRA adapters + head instead of every weight
 
 
 def random_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator, wrong_only: bool) -> torch.Tensor:
@@ -41,25 +45,46 @@ def relabelled_union_batches(forget: tuple, retain: tuple, *, num_classes: int, 
 
 
 def main():
-    parser = common.unlearn_parser(__doc__)
+    parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
-    common.add_adapt_args(parser)
     parser.add_argument("--wrong-labels-only", action=argparse.BooleanOptionalAction, default=WRONG_LABELS_ONLY,
                         help="never relabel a Df image with its true class (default: %(default)s)")
+    common.add_lora_args(parser, lora=LORA)
     args = parser.parse_args()
-    common.check_sparsity(args.sparsity)
 
-    unlearning = common.start_unlearning(args, "rl")
-    data = unlearning.data
+    # The original model, and its training split cut into this run's forget set Df and retain set Dr.
+    device, gen = common.device_and_generator(args.device, seed=args.seed)
+    model, meta, data = common.load_original(args.model, device, data_dir=args.data_dir, forget_class=args.forget_class,
+                                             forget_random=args.forget_random, forget_seed=args.forget_seed)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=meta["arch"], method=METHOD,
+                              seed=args.seed, overwrite=args.overwrite)
+    arch = common.ARCHS[meta["arch"]]
+    lora = common.lora_settings(arch.family, rank=args.lora_rank, alpha=args.lora_alpha,
+                                dropout=args.lora_dropout, targets=args.lora_targets) if args.lora else None
+    config = dict(vars(args), lora_settings=lora)
+    common.print_config(METHOD, config)
 
-    def epoch_batches(epoch):
-        return relabelled_union_batches(data.subset("forget"), data.subset("retain"),
-                                        num_classes=data.info.num_classes, batch_size=args.batch_size,
-                                        gen=unlearning.gen, wrong_only=args.wrong_labels_only)
+    # Optionally, adapt through LoRA instead of updating every weight.
+    start = time.perf_counter()
+    if args.lora:
+        model = common.add_lora(model, **lora, train_head=args.lora_head)
+    prep_time_s = time.perf_counter() - start
 
-    result = common.train_unlearning(unlearning, epoch_batches, unlearning.ce_loss(args.augment))
-    common.finish_run(unlearning, result)
+    # Each epoch: Df with fresh random labels, mixed into Dr; cross-entropy on the union.
+    forget, retain = data.subset("forget"), data.subset("retain")
+    optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    result = common.train_loop(
+        model, optimizer, args.epochs,
+        lambda epoch: relabelled_union_batches(forget, retain, num_classes=data.info.num_classes,
+                                               batch_size=args.batch_size, gen=gen, wrong_only=args.wrong_labels_only),
+        common.ce_loss(data.info, arch.input_size, args.augment, gen), device=device, desc=METHOD,
+        freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+
+    model = common.merge_lora(model) if args.lora else model
+    saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
+                                  config=config, result=result, overwrite=args.overwrite, prep_time_s=prep_time_s)
+    common.print_summary(saved, out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ SUBSET = ["--dataset", "fashion-mnist", "--train-subset", "4000", "--val-fractio
 TINY_RESNET = ["--arch", "resnet_tiny", "--epochs", "6", "--batch-size", "64", "--lr", "0.1"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the project's scripts as subprocesses or needs a trained model "
+                                       "(the session fixtures); `pytest -m 'not slow'` leaves them out")
+
+
 def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would; fail the test with its output if it fails."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")

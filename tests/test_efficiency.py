@@ -87,7 +87,7 @@ def test_dropout_keeps_only_a_bool_mask_of_the_adapted_input():
         adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
         elements = []
         hooks = [m.register_forward_pre_hook(lambda m, args: elements.append(args[0].numel())) for m in adapted]
-        saved = common.saved_activation_bytes(model, lambda m: m(x).sum())
+        _, saved = common.saved_activation_bytes(model, lambda m: m(x).sum())
         for hook in hooks:
             hook.remove()
         return saved, sum(elements)
@@ -106,15 +106,16 @@ def test_frozen_batchnorm_computes_eval_batchnorm_keeps_less_and_restores_the_mo
     common.set_train_mode(model, freeze_bn=True)
     x = torch.randn(4, 1, 28, 28)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    eval_bytes = common.saved_activation_bytes(model, lambda m: m(x).sum())
+    _, eval_bytes = common.saved_activation_bytes(model, lambda m: m(x).sum())
     expected = model(x)
     with common.frozen_batchnorm(model):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-        assert common.saved_activation_bytes(model, lambda m: m(x).sum()) < 0.75 * eval_bytes
+        assert common.saved_activation_bytes(model, lambda m: m(x).sum())[1] < 0.75 * eval_bytes
     assert [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == norms  # the same modules are back
 
 
+@pytest.mark.slow  # torch.compile takes most of a minute on 2 CPU cores
 def test_compiled_training_equals_eager_and_saves_the_plain_model():
     """train_loop(compile_model=True) on a pruned LoRA model (the PruneLoRA path, frozen BatchNorm swapped in):
     the same weights as eager after a few steps, up to inductor's reordering of float sums."""

@@ -56,6 +56,7 @@ def finetuned(original, data_dir, workdir):
     return out
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_class_wise(original, retrain, finetuned, data_dir, tmp_path):
     js, md = tmp_path / "rows.json", tmp_path / "table.md"
     proc = run_script("evaluate.py", original, finetuned, "--retrain", retrain, "--mia-draws", "2",
@@ -70,6 +71,7 @@ def test_evaluate_end_to_end_class_wise(original, retrain, finetuned, data_dir, 
     assert "higher = more forgotten" in table and "lower = more forgotten" in table and "UA ↑" in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_random_sample_forgetting(original, retrain_random, data_dir, workdir, tmp_path):
     retrain = retrain_random
     ft = workdir / "finetune_random300.safetensors"
@@ -86,6 +88,7 @@ def test_evaluate_random_sample_forgetting(original, retrain_random, data_dir, w
     assert 0 < rows[0]["UA"] < 60  # Retrain still classifies much of a random forget set correctly
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_different_forget_sets_and_existing_outputs(retrain, original, data_dir, workdir, tmp_path):
     other = workdir / "finetune_class5.safetensors"
     run_script("finetune.py", "--model", original, "--forget-class", "5", "--epochs", "1", "--data-dir", data_dir,

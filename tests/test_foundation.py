@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import SUBSET, copy_sidecar, run_script
+from conftest import copy_sidecar, run_script
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,7 @@ def test_augment_keeps_shape_and_content():
     assert abs(out[:, :, 12:20, 12:20].float().mean() - centre) < 10
 
 
+@pytest.mark.slow
 def test_short_training_run_learns_and_checkpoint_round_trips(original, data_dir):
     meta = common.read_sidecar(original)
     assert meta["test_acc"] > 50  # chance is 10%
@@ -163,6 +164,7 @@ def _last_line(proc):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "mnist"], "unknown dataset"),
     (["--arch", "resnet7"], "unknown architecture"),
@@ -178,6 +180,7 @@ def test_bad_pretrain_input_is_one_line_and_writes_nothing(tmp_path, data_dir, f
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_overwritten(original, data_dir, tmp_path):
     out = tmp_path / "ft.safetensors"
     out.write_bytes(b"keep me")
@@ -187,6 +190,7 @@ def test_existing_output_is_not_overwritten(original, data_dir, tmp_path):
     assert out.read_bytes() == b"keep me" and not common.sidecar_path(out).exists()
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_checkpoints_are_rejected(original, original_vit, data_dir, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(original.read_bytes()[:1000])
@@ -207,6 +211,7 @@ def test_truncated_and_foreign_checkpoints_are_rejected(original, original_vit, 
     assert outputs == {"truncated.safetensors", "truncated.json", "foreign.safetensors", "foreign.json"}
 
 
+@pytest.mark.slow
 def test_pretrain_help_lists_every_flag_with_its_default():
     proc = run_script("pretrain.py", "--help")
     for flag in ("--arch", "--retrain", "--dataset", "--data-dir", "--val-fraction", "--split-seed", "--forget-class",

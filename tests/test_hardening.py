@@ -29,6 +29,7 @@ def _popen(script, *args):
 # ---------------------------------------------------------------------------------------------------------
 # Races and overwrites.
 
+@pytest.mark.slow
 def test_two_concurrent_runs_with_one_output_exactly_one_succeeds(original, data_dir, tmp_path):
     out = tmp_path / "ft.safetensors"
     runs = [_popen("finetune.py", "--model", original, "--forget-class", "3", "--epochs", "1", "--data-dir",
@@ -41,6 +42,7 @@ def test_two_concurrent_runs_with_one_output_exactly_one_succeeds(original, data
     assert meta["method"] == "finetune" and not list(tmp_path.glob(".*"))  # no lock or temp file left
 
 
+@pytest.mark.slow
 def test_two_first_runs_unpack_fashion_mnist_side_by_side(tmp_path):
     data = tmp_path / "fresh_data"
     runs = [_popen("pretrain.py", "--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "300",
@@ -49,6 +51,7 @@ def test_two_first_runs_unpack_fashion_mnist_side_by_side(tmp_path):
     assert [run.wait(timeout=600) for run in runs] == [0, 0], [run.stderr.read()[-1000:] for run in runs]
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_one_file_for_json_and_md_and_bench_keeps_its_outputs(original, retrain, data_dir,
                                                                                 tmp_path):
     same = tmp_path / "out.txt"
@@ -61,6 +64,7 @@ def test_evaluate_refuses_one_file_for_json_and_md_and_bench_keeps_its_outputs(o
     assert "--overwrite" in _one_error_line(proc) and md.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_unwritable_output_folders_are_found_before_any_work(original, retrain, data_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -75,6 +79,7 @@ def test_unwritable_output_folders_are_found_before_any_work(original, retrain, 
 # ---------------------------------------------------------------------------------------------------------
 # Diverged models are not results.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags", [
     ("ga.py", ["--lr", "1e3", "--epochs", "2"]),
     ("finetune.py", ["--lr", "1e6", "--epochs", "1"]),
@@ -86,6 +91,7 @@ def test_a_diverged_run_exits_non_zero_and_writes_nothing(script, flags, origina
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_weights_are_checked_finite_on_load_too(original, tmp_path):
     from safetensors.torch import load_file, save_file
     state = load_file(str(original))
@@ -103,14 +109,16 @@ def test_weights_are_checked_finite_on_load_too(original, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Invalid flags: argparse's one-line error, before anything runs.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flag, value", [
     ("finetune.py", "--epochs", "0"), ("finetune.py", "--batch-size", "-1"), ("finetune.py", "--batch-size", "0"),
     ("finetune.py", "--lr", "-1"), ("finetune.py", "--lr", "nan"), ("finetune.py", "--seed", "-1"),
-    ("finetune.py", "--device", "foo"), ("finetune.py", "--sparsity", "1.0"), ("ff.py", "--alpha", "-1e-6"),
+    ("finetune.py", "--device", "foo"), ("pruneft.py", "--sparsity", "1.0"), ("ff.py", "--alpha", "-1e-6"),
     ("pretrain.py", "--epochs", "0"), ("evaluate.py", "--mia-draws", "0"), ("reproduce.py", "--seeds", "0,x"),
 ])
 def test_invalid_flags_give_one_line_errors(script, flag, value, original, tmp_path):
     context = {"finetune.py": ["--model", original, "--out", tmp_path / "x.safetensors"],
+               "pruneft.py": ["--model", original, "--out", tmp_path / "x.safetensors"],
                "ff.py": ["--model", original, "--out", tmp_path / "x.safetensors"],
                "pretrain.py": ["--arch", "resnet_tiny", "--out-dir", tmp_path], "evaluate.py": [original],
                "reproduce.py": ["--profile", "smoke", "--out-root", tmp_path]}[script]
@@ -130,6 +138,7 @@ def _copy_checkpoint(original, tmp_path, name="copy"):
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("invalid-json", "not valid UTF-8 JSON"), ("json-list", "not a unlearn-toolkit"),
     ("non-utf8", "not valid UTF-8 JSON"), ("missing-key", "lacks 'arch'"), ("no-weights-hash", "lacks 'weights_sha256'"),
@@ -168,6 +177,7 @@ def test_corrupted_checkpoints_are_refused_at_once(case, message, original, data
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_an_edited_forget_hash_is_not_trusted(original, retrain, data_dir, tmp_path):
     edited = _copy_checkpoint(retrain, tmp_path, "retrain")
     meta = json.loads(common.sidecar_path(edited).read_text())

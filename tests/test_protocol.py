@@ -86,6 +86,7 @@ def sparse_retrain(omp, data_dir, workdir):
     return out
 
 
+@pytest.mark.slow
 def test_sparse_retrain_has_exactly_its_sources_mask(omp, sparse_retrain):
     source, source_meta = common.load_checkpoint(omp)
     model, meta = common.load_checkpoint(sparse_retrain)
@@ -98,6 +99,7 @@ def test_sparse_retrain_has_exactly_its_sources_mask(omp, sparse_retrain):
         assert torch.equal(modules[name].weight != 0, source_modules[name].weight_mask.bool()), name
 
 
+@pytest.mark.slow
 def test_sparse_rows_are_scored_against_the_sparse_retrain(omp, sparse_retrain, original, retrain, data_dir,
                                                            workdir, tmp_path):
     from_sparse = workdir / "protocol_ft_from_omp.safetensors"
@@ -119,6 +121,7 @@ def test_sparse_rows_are_scored_against_the_sparse_retrain(omp, sparse_retrain, 
     assert rows["finetune"]["avg_gap"] == pytest.approx(gap)
 
 
+@pytest.mark.slow
 def test_floor_rows_measure_retrain_against_retrain(original, retrain, data_dir, workdir, tmp_path):
     other_seed = workdir / "retrain_class3_s1.safetensors"
     run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--seed", "1",
@@ -142,6 +145,7 @@ def _edited_copy(src, dst, edit):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("not-a-retrain", "is not a Retrain"),
     ("other-recipe", "another recipe"),
@@ -172,6 +176,7 @@ def test_evaluate_refuses_a_retrain_that_is_not_this_originals(case, message, or
     assert not js.exists()
 
 
+@pytest.mark.slow
 def test_validation_split_replaces_the_test_set(original, retrain, data_dir, tmp_path):
     js = tmp_path / "rows.json"
     proc = run_script("evaluate.py", original, "--retrain", retrain, "--split", "val", "--mia-draws", "1",
@@ -244,6 +249,7 @@ def test_vit_lora_adapts_the_blocks_and_leaves_the_patch_embedding_alone():
     model = common.build_model("vit_tiny", common.DATASETS["fashion-mnist"])
     targets = common.LORA_DEFAULTS["vit"]["targets"]
     adapted = {name.removeprefix("base_model.model.") for name, m in
-               common.add_lora(model, 4, 8, 0.0, targets).named_modules() if isinstance(m, LoraLayer)}
+               common.add_lora(model, rank=4, alpha=8, dropout=0.0, targets=targets).named_modules()
+               if isinstance(m, LoraLayer)}
     expected = {f"blocks.{i}.{leaf}" for i in range(4) for leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
     assert adapted == expected

@@ -1,5 +1,4 @@
 """The four PruneLoRA methods, and the seed code's defects that must not come back (arXiv 2411.11907)."""
-import argparse
 import json
 import re
 
@@ -12,11 +11,14 @@ from conftest import run_script
 
 
 def _lora_model(model, arch, prune_method="none"):
-    args = argparse.Namespace(prune=prune_method, sparsity=0.5, allow_regrowth=False, lora=True, lora_rank=None,
-                              lora_alpha=None, lora_dropout=None, lora_targets=None, lora_head=True)
-    return common.adapt_model(model, common.ARCHS[arch].family, args)[0]
+    """loraprune.py's steps 1-2 at the paper's LoRA settings: prune (unless "none"), then add adapters + head."""
+    family = common.ARCHS[arch].family
+    if prune_method != "none":
+        common.prune_model(model, family, prune_method, 0.5)
+    return common.add_lora(model, **common.lora_settings(family), train_head=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet_tiny", "vit_tiny"])
 @pytest.mark.parametrize("prune_method", ["none", "l2-structured", "l1-global"])
 def test_every_lora_adapter_gets_a_gradient(arch, prune_method, original, original_vit):
@@ -46,6 +48,7 @@ def test_lora_trains_about_2_5_percent_of_resnet50():
     assert 2.3 < 100 * trainable / total < 2.7  # the PruneLoRA paper: 2.5% trainable
 
 
+@pytest.mark.slow
 def test_masked_lora_merge_equals_the_trained_function_and_keeps_the_zeros(original):
     model, meta = common.load_checkpoint(original)
     info = common.DATASETS[meta["data"]["dataset"]]
@@ -76,6 +79,7 @@ def four_methods(original, data_dir, workdir):
     return outputs
 
 
+@pytest.mark.slow
 def test_the_four_methods_run_end_to_end_and_forget(four_methods, original):
     before = common.read_sidecar(original)
     for method, path in four_methods.items():
@@ -95,6 +99,7 @@ def test_the_four_methods_run_end_to_end_and_forget(four_methods, original):
     assert lora["trainable_params"] < 0.2 * lora["total_params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pruneft", "loraprune"])
 def test_pruned_methods_save_exactly_the_pruned_sparsity_with_a_dense_head(four_methods, method):
     meta = common.read_sidecar(four_methods[method])
@@ -109,6 +114,7 @@ def test_pruned_methods_save_exactly_the_pruned_sparsity_with_a_dense_head(four_
         assert dead == weight.shape[0] // 2, name
 
 
+@pytest.mark.slow
 def test_allow_regrowth_reproduces_the_seed_codes_refilled_filters(original, data_dir, workdir):
     out = workdir / "loraprune_regrowth.safetensors"
     run_script("loraprune.py", "--model", original, "--forget-class", "3", "--epochs", "1", "--allow-regrowth",
@@ -124,6 +130,7 @@ def test_allow_regrowth_reproduces_the_seed_codes_refilled_filters(original, dat
     assert block_convs and all(dead < state[k].shape[0] // 2 for k, dead in dead_filters.items()), dead_filters
 
 
+@pytest.mark.slow
 def test_lora_keeps_batchnorm_statistics_frozen_unless_asked(original, four_methods):
     base = load_file(str(original))
     lora = load_file(str(four_methods["lora"]))
@@ -136,6 +143,7 @@ def test_lora_keeps_batchnorm_statistics_frozen_unless_asked(original, four_meth
     assert not any(torch.equal(base[k], loraprune[k]) for k in stats if k.endswith("running_var"))
 
 
+@pytest.mark.slow
 def test_no_recalibrate_bn_keeps_the_dense_statistics_after_pruning(original, data_dir, workdir):
     out = workdir / "loraprune_no_recalibration.safetensors"
     run_script("loraprune.py", "--model", original, "--forget-class", "3", "--epochs", "1", "--no-recalibrate-bn",
@@ -145,6 +153,7 @@ def test_no_recalibrate_bn_keeps_the_dense_statistics_after_pruning(original, da
     assert all(torch.equal(base[k], pruned[k]) for k in stats)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_the_four_methods_with_retrain(four_methods, original, retrain, data_dir, tmp_path):
     js = tmp_path / "rows.json"
     run_script("evaluate.py", original, *four_methods.values(), "--retrain", retrain, "--mia-draws", "2",

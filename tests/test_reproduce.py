@@ -2,9 +2,12 @@
 import csv
 import json
 
+import pytest
+
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     flags = ["--profile", "smoke", "--out-root", tmp_path, "--data-dir", data_dir, "--mia-draws", "2"]
     first = run_script("reproduce.py", *flags)
@@ -62,6 +65,7 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     assert (out / "table.md").read_text() == table and (out / "ua_vs_ra.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_gpu_profiles_dry_run_lists_the_paper_commands():
     proc = run_script("reproduce.py", "--profile", "paper-cifar10", "--dry-run")
     assert "--arch resnet50" in proc.stdout and "--arch vit_small" in proc.stdout
@@ -70,6 +74,7 @@ def test_gpu_profiles_dry_run_lists_the_paper_commands():
     assert proc.returncode == 2 and "unknown profile" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_quick_mode_prints_the_loop_ratio():
     proc = run_script("bench.py", "--quick", "--device", "cpu", "--archs", "resnet_tiny,vit_tiny",
                       "--batch-sizes", "32")

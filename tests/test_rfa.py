@@ -1,6 +1,4 @@
 """RFA-style unlearning: zero residual at the start, alignment on Dr, both shift targets, ResNet and ViT."""
-import argparse
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,14 +11,14 @@ from conftest import run_script
 def _taps(original):
     teacher, meta = common.load_checkpoint(original)
     student, _ = common.load_checkpoint(original)
-    args = argparse.Namespace(prune="none", sparsity=0.0, allow_regrowth=False, lora=True, lora_rank=None,
-                              lora_alpha=None, lora_dropout=None, lora_targets=None, lora_head=False)
-    student, _ = common.adapt_model(student, common.ARCHS[meta["arch"]].family, args)
+    student = common.add_lora(student, **common.lora_settings(common.ARCHS[meta["arch"]].family),
+                              train_head=rfa.LORA_HEAD)
     teacher.eval(), student.eval()
     return (teacher, rfa.FeatureTap(teacher, teacher.get_classifier()),
             student, rfa.FeatureTap(student, student.get_classifier()), common.DATASETS[meta["data"]["dataset"]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resnet", "vit"])
 def test_student_equals_teacher_at_initialisation(which, original, original_vit):
     teacher, teacher_tap, student, student_tap, info = _taps(original if which == "resnet" else original_vit)
@@ -31,6 +29,7 @@ def test_student_equals_teacher_at_initialisation(which, original, original_vit)
     assert all(torch.equal(t, s) for t, s in zip(teacher_tap.blocks, student_tap.blocks))
 
 
+@pytest.mark.slow
 def test_training_on_retain_only_keeps_the_features_close(original, data_dir, workdir):
     out = workdir / "rfa_retain_only.safetensors"
     # A strong initial push on Df moves the adapters, then the retain alignment alone must hold Dr's features.
@@ -48,12 +47,13 @@ def test_training_on_retain_only_keeps_the_features_close(original, data_dir, wo
         assert (s - t).pow(2).mean() <= 1e-3 * t.pow(2).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["teacher-ce", "nearest-class-mean"])
 @pytest.mark.parametrize("forget", [["--forget-class", "3"], ["--forget-random", "300"]], ids=["class", "random"])
 def test_each_shift_target_end_to_end(target, forget, original, data_dir, workdir):
     out = workdir / f"rfa_{target}_{forget[0][2:]}.safetensors"
-    run_script("rfa.py", "--model", original, *forget, "--target", target, "--epochs", "6", "--lr", "3e-3", "--data-dir", data_dir,
-               "--out", out)
+    run_script("rfa.py", "--model", original, *forget, "--target", target, "--epochs", "6", "--lr", "3e-3",
+               "--data-dir", data_dir, "--out", out)
     meta = common.read_sidecar(out)
     assert meta["method"] == "rfa" and meta["trainable_params"] < 0.15 * meta["total_params"]
     if forget[0] == "--forget-class":
@@ -64,6 +64,7 @@ def test_each_shift_target_end_to_end(target, forget, original, data_dir, workdi
         assert meta["quick_report"]["forget_acc"] < before - 25, (before, meta["quick_report"])
 
 
+@pytest.mark.slow
 def test_vit_path_moves_every_adapted_layer(original_vit, data_dir, workdir):
     out = workdir / "rfa_vit.safetensors"
     run_script("rfa.py", "--model", original_vit, "--forget-class", "3", "--epochs", "1", "--data-dir", data_dir,

@@ -20,6 +20,7 @@ def _zero_pattern(path):
     return {name: state[f"{name}.weight"] == 0 for name in meta["pruned_modules"]}
 
 
+@pytest.mark.slow
 def test_omp_reaches_its_sparsity_and_still_classifies(omp):
     meta = common.read_sidecar(omp)
     assert meta["sparsity"] == pytest.approx(0.5, abs=1e-4) and meta["method"] == "omp"
@@ -28,6 +29,7 @@ def test_omp_reaches_its_sparsity_and_still_classifies(omp):
     assert torch.all(state["fc.weight"] != 0)  # the head stays dense
 
 
+@pytest.mark.slow
 def test_imp_sparsity_after_k_rounds(original, data_dir, tmp_path):
     out = tmp_path / "imp.safetensors"
     run_script("prune.py", "--model", original, "--rounds", "2", "--rewind-epoch", "0", "--data-dir", data_dir,
@@ -35,6 +37,7 @@ def test_imp_sparsity_after_k_rounds(original, data_dir, tmp_path):
     assert common.read_sidecar(out)["sparsity"] == pytest.approx(1 - 0.8 ** 2, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(QUICK))
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "omp50"])
 def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, original, omp, data_dir, workdir):
@@ -51,6 +54,7 @@ def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, orig
     assert 0 <= report["forget_acc"] <= 100 and report["test_retain_acc"] > 11  # above chance (9 classes)
 
 
+@pytest.mark.slow
 def test_lora_variant_of_a_gradient_method_on_a_pruned_model(omp, data_dir, workdir):
     out = workdir / "rl_lora_omp.safetensors"
     run_script("rl.py", "--model", omp, "--lora", "--epochs", "1", "--data-dir", data_dir, "--out", out)
@@ -59,6 +63,7 @@ def test_lora_variant_of_a_gradient_method_on_a_pruned_model(omp, data_dir, work
     assert meta["trainable_params"] < 0.2 * meta["total_params"]
 
 
+@pytest.mark.slow
 def test_ga_with_a_huge_learning_rate_stops_with_the_divergence_error(original, data_dir, tmp_path):
     out = tmp_path / "ga.safetensors"
     proc = run_script("ga.py", "--model", original, "--lr", "1e6", "--epochs", "3", "--data-dir", data_dir,
@@ -75,6 +80,7 @@ def test_inverse_fisher_product_matches_a_direct_solve():
     torch.testing.assert_close(iu.inverse_fisher_product(grads, v, damping), torch.linalg.solve(fisher, v))
 
 
+@pytest.mark.slow
 def test_random_sample_forgetting_end_to_end_against_retrain(original, retrain_random, data_dir, workdir, tmp_path):
     out = workdir / "rl_random300.safetensors"
     run_script("rl.py", "--model", original, "--forget-random", "300", "--epochs", "1", "--data-dir", data_dir,
