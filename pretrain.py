@@ -173,8 +173,8 @@ def main():
                             **forget)
     method = "retrain" if args.retrain else "original"
     name = "retrain-sparse" if args.mask_from else method
-    out = common.check_writable(args.out or common.default_output(args.out_dir, data, args.arch, name, args.seed),
-                                args.overwrite)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=args.arch, method=name, seed=args.seed,
+                              overwrite=args.overwrite)
 
     model = common.build_model(args.arch, data.info, args.pretrained_weights)
     if args.mask_from:

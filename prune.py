@@ -78,8 +78,8 @@ def main():
                                f"{recipe.epochs} epochs)")
     data = common.data_from_spec(meta["data"], args.data_dir, device)
     method = "imp" if args.rounds else "omp"
-    out = common.check_writable(args.out or common.default_output(args.out_dir, data, recipe.arch, method, args.seed),
-                                args.overwrite)
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=recipe.arch, method=method,
+                              seed=args.seed, overwrite=args.overwrite)
     common.print_config(method, dict(vars(args), recipe=vars(recipe)))
     family = common.ARCHS[recipe.arch].family
 
