@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -754,6 +755,46 @@ def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, ge
     return loss_fn
 
 
+def random_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator, wrong_only: bool) -> torch.Tensor:
+    """Uniform random labels over all classes, or (wrong_only) over the classes other than the true one."""
+    if wrong_only:
+        shift = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=gen)
+        return (labels + shift) % num_classes
+    return torch.randint(0, num_classes, labels.shape, device=labels.device, generator=gen)
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) summed over classes, averaged over the batch, times T^2
+    (Hinton et al. 2015's scaling; SCRUB's DistillKL). The teacher side carries no gradient."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.detach().float() / temperature, 1),
+                    reduction="batchmean") * temperature ** 2
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of model in eval mode with no trainable parameter: a teacher. Pruning masks are copied too."""
+    # torch.nn.utils.prune's `weight` (weight_orig * weight_mask, recomputed before every forward) is not a graph
+    # leaf, which deepcopy refuses: the copy starts from a detached stand-in.
+    memo = {id(m.weight): m.weight.detach().clone() for m in model.modules() if hasattr(m, "weight_orig")}
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
+def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, input_size: int | None,
+                    *, batch_size: int, augment_gen: torch.Generator | None = None):
+    """For each batch of (x, y) in order, the gradient of the batch-mean cross-entropy with respect to each
+    trainable parameter ({name: tensor}), the model in eval mode (BatchNorm on its running statistics).
+    augment_gen: augment each batch as in training, drawing from that generator."""
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(model.parameters()).device
+    for xb, yb in batches(x, y, batch_size):
+        if augment_gen is not None:
+            xb = augment(xb, info, augment_gen)
+        with autocast(device):
+            loss = F.cross_entropy(model(normalize(xb, info, input_size)).float(), yb)
+        yield dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None = None,
             batch_size: int = 1024, fp32: bool = False) -> torch.Tensor:
@@ -1069,8 +1110,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, exp
     info = DATASETS[meta["data"]["dataset"]]
     if (info.num_classes, info.channels) != (meta["num_classes"], meta["in_chans"]):
         raise UserError(f"{path}: sidecar class/channel count does not match dataset {meta['data']['dataset']}")
-    # vit_base's pretrained weights are overwritten by the checkpoint; build it without the hub.
-    model = build_model(meta["arch"], info) if meta["arch"] != "vit_base" else _vit_base_skeleton(info)
+    model = random_model(meta["arch"], info)  # its weights are the checkpoint's: no hub download for vit_base
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -1080,7 +1120,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, exp
     return prepare_model(model, torch.device(device)), meta
 
 
-def _vit_base_skeleton(info: DatasetInfo) -> nn.Module:
+def random_model(arch: str, info: DatasetInfo) -> nn.Module:
+    """An architecture with random weights, vit_base included (build_model gives vit_base ImageNet's weights)."""
+    if arch != "vit_base":
+        return build_model(arch, info)
     import timm
     return timm.create_model(VIT_BASE_HUB, pretrained=False, num_classes=info.num_classes, in_chans=info.channels)
 

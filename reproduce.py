@@ -37,6 +37,15 @@ METHODS = {
     "iu": ("iu.py", []),
     "ff-noise-only": ("ff.py", ["--no-zero-forget-head"]),  # FF's noise without Golatkar's head-row reset
     "rfa": ("rfa.py", []),
+    "salun": ("salun.py", []),
+    "scrub": ("scrub.py", []),
+    "ssd": ("ssd.py", []),
+    "neggradplus": ("neggradplus.py", []),
+    "badteacher": ("badteacher.py", []),
+    "salun-lora": ("salun.py", ["--lora"]),  # the leading methods through LoRA adapters (+ head); on an OMP
+    "scrub-lora": ("scrub.py", ["--lora"]),  # model, "prune, then adapt, then unlearn"
+    "neggradplus-lora": ("neggradplus.py", ["--lora"]),
+    "badteacher-lora": ("badteacher.py", ["--lora"]),
 }
 
 # Candidate settings of the methods whose published default is not settled, the authors' default first. A
@@ -50,6 +59,17 @@ TUNING = {
     # the Fisher damping 3x either side of iu.py's 0.3
     "l1sparse": [["--alpha", "5e-5"], ["--alpha", "1e-4"]],  # the useful range for small nets (l1sparse.py)
     "rfa": [["--target", "nearest-class-mean"], ["--target", "teacher-ce"]],
+    # The leading methods: no upstream recipe for these small settings (SCRUB, NegGrad+, SSD) or an lr tuned for
+    # CIFAR-10 ResNet-18 (SalUn); adapters usually want a larger step than full weights.
+    "salun": [[], ["--lr", "0.005"]],
+    "salun-lora": [[], ["--lr", "0.05"]],
+    "scrub": [[], ["--lr", "0.005"], ["--max-steps", "3", "--epochs", "5", "--gamma", "1", "--alpha", "0.5",
+                                      "--temperature", "2"]],  # the large-scale setting, 10x its lr, small-scale
+    "scrub-lora": [[], ["--lr", "0.005"], ["--lr", "0.05"]],
+    "ssd": [["--selection", "10"], ["--selection", "3"], ["--selection", "30"], ["--selection", "100"]],  # alpha;
+    # larger dampens fewer weights
+    "neggradplus": [["--beta", "0.9999"], ["--beta", "0.999"], ["--beta", "0.99"], ["--beta", "0.95"]],
+    "neggradplus-lora": [["--beta", "0.9999"], ["--beta", "0.999"], ["--beta", "0.99"], ["--beta", "0.95"]],
 }
 
 # The CPU profiles' pretraining recipe: a 12,000-image subset, 15 epochs, no augmentation. It converges (about
@@ -76,6 +96,12 @@ PROFILES = {
         dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
         forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
         methods=["rfa"], tune=["rfa"]),  # compare with the cpu-fashion rows of the same forget sets
+    "cpu-fashion-leading": dict(  # SalUn, SCRUB, SSD, NegGrad+, Bad Teacher: dense, OMP 50%, LoRA, OMP + LoRA
+        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
+        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
+        methods=["salun", "scrub", "ssd", "neggradplus", "badteacher", "salun-lora", "scrub-lora",
+                 "neggradplus-lora", "badteacher-lora"], omp=[0.5],
+        tune=["salun", "salun-lora", "scrub", "scrub-lora", "ssd", "neggradplus", "neggradplus-lora"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "pruneft", "lora", "loraprune"],

@@ -26,7 +26,6 @@ along (Fashion-MNIST, 6,000 random images: Acc(Dr) 31%, against 85% with nearest
 
 prints the resolved config, one JSON line per epoch, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
 """
-import copy
 import time
 
 import torch
@@ -111,7 +110,7 @@ def main():
 
     # Teacher: the frozen original. Student: the original with LoRA adapters (B = 0: equal to the teacher).
     start = time.perf_counter()
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = common.frozen_copy(model)
     student = common.add_lora(model, **lora, train_head=args.lora_head)
     prep_time_s = time.perf_counter() - start
     teacher_tap = FeatureTap(teacher, teacher.get_classifier())

@@ -28,19 +28,11 @@ WRONG_LABELS_ONLY = False  # upstream draws randint(0, C): a random label may eq
 LORA = False  # True: train LoRA adapters + head instead of every weight
 
 
-def random_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator, wrong_only: bool) -> torch.Tensor:
-    """Uniform random labels over all classes, or (wrong_only) over the classes other than the true one."""
-    if wrong_only:
-        shift = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=gen)
-        return (labels + shift) % num_classes
-    return torch.randint(0, num_classes, labels.shape, device=labels.device, generator=gen)
-
-
 def relabelled_union_batches(forget: tuple, retain: tuple, *, num_classes: int, batch_size: int,
                              gen: torch.Generator, wrong_only: bool):
     """One RL epoch: Df with fresh random labels and Dr with its own, concatenated and shuffled into batches."""
     (x_forget, y_forget), (x_retain, y_retain) = forget, retain
-    labels = torch.cat([random_labels(y_forget, num_classes, gen, wrong_only), y_retain])
+    labels = torch.cat([common.random_labels(y_forget, num_classes, gen, wrong_only), y_retain])
     return common.batches(torch.cat([x_forget, x_retain]), labels, batch_size, shuffle=True, gen=gen)
 
 

@@ -209,7 +209,7 @@ def test_rl_epoch_is_one_shuffled_pass_over_dr_with_relabelled_df_mixed_in():
     forget_labels = y[~retained]
     assert set(forget_labels.tolist()) == set(range(10))  # uniform over all classes, the true one included
     assert 10 < (forget_labels == 3).sum() < 60
-    wrong = rl.random_labels(y_forget, 10, gen, wrong_only=True)
+    wrong = common.random_labels(y_forget, 10, gen, wrong_only=True)
     assert (wrong != 3).all()
 
 

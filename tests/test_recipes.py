@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import common
 
-SCRIPTS = ["finetune", "pruneft", "lora", "loraprune", "ga", "rl", "l1sparse", "ff", "iu", "rfa"]
+SCRIPTS = ["finetune", "pruneft", "lora", "loraprune", "ga", "rl", "l1sparse", "ff", "iu", "rfa", "salun", "scrub",
+           "ssd", "neggradplus", "badteacher"]
 # Upstream constants that are deliberately not flags (Golatkar et al.'s clamps and scales in ff.py).
 NOT_FLAGS = {"METHOD", "MAX_VAR", "MAX_VAR_HEAD", "SCALE_HEAD_AND_1D", "FORGET_ROW_VAR"}
 
@@ -59,6 +60,9 @@ def test_every_constant_at_the_top_is_its_flags_default(script, monkeypatch, cap
     ("l1sparse", ["--forget-random", "0"], "--forget-random"), ("finetune", ["--sparsity", "0.5"], "--sparsity"),
     ("finetune", ["--forget-class", "3", "--forget-random", "100"], "--forget"),
     ("loraprune", ["--forget-random", "100", "--forget-class", "3"], "--forget"),
+    ("salun", ["--mask-fraction", "1.5"], "--mask-fraction"), ("scrub", ["--temperature", "0"], "--temperature"),
+    ("ssd", ["--selection", "-1"], "--selection"), ("neggradplus", ["--beta", "2"], "--beta"),
+    ("badteacher", ["--retain-share", "1"], "--retain-share"),
 ])
 def test_bad_flags_stop_with_one_line_before_any_work(script, argv, flag, monkeypatch, capsys, tmp_path):
     line = _exit_line(script, ["--model", tmp_path / "absent.safetensors", "--out-dir", tmp_path, *argv],

@@ -103,3 +103,13 @@ def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(
     assert {r["out"].name for r in ga_runs} == {"class3_ga-lr-5e-4_s0.safetensors",
                                                 "class3_ga@omp50-lr-5e-4_s0.safetensors".replace("@", "_")}
     assert all(r["cmd"][r["cmd"].index("--lr") + 1] == "5e-4" for r in ga_runs)
+
+
+def test_every_profile_names_only_known_methods_and_tunes_only_its_own():
+    import reproduce
+    assert set(reproduce.TUNING) <= set(reproduce.METHODS)
+    for name, profile in reproduce.PROFILES.items():
+        assert set(profile["methods"]) <= set(reproduce.METHODS), name
+        assert set(profile.get("tune", [])) <= set(profile["methods"]) & set(reproduce.TUNING), name
+    for method, (script, _) in reproduce.METHODS.items():
+        assert (reproduce.Path(__file__).parents[1] / script).exists(), method
