@@ -4,6 +4,7 @@ the Retrain of the same forget set and seed, and report mean +/- std with plots.
     python reproduce.py --profile cpu-fashion            # ~55 min on 2 CPU cores (RESULTS.md)
     python reproduce.py --profile paper-cifar10 --dry-run
     python reproduce.py --profile cpu-fashion --report-only   # table.md and plots again from results.csv
+    python reproduce.py --compare cpu-fashion,cpu-fashion-sparse   # finished profiles in one table (compare.md)
 
 Each run is one of the project's scripts in a subprocess. Checkpoints go to <out-root>/ckpt/ (shared by the
 profiles, so the same original or Retrain is trained once); a run whose checkpoint exists is skipped, so an
@@ -371,6 +372,26 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return kept + list(fresh.values())
 
 
+def compare_rows(profiles: list[str], root: Path, forgets: list[str] | None = None) -> list[dict]:
+    """The rows of several finished profiles (their results.csv), on the forget settings and seeds all of them
+    have (and in forgets, if given); a model that several profiles evaluated (Retrain, the original) once."""
+    per_profile = [read_rows(root / name / "results.csv") for name in profiles]
+    settings = set.intersection(*({r["forget"] for r in rows} for rows in per_profile))
+    if forgets:
+        settings &= set(forgets)
+    seeds = set.intersection(*({r["seed"] for r in rows} for rows in per_profile))
+    if not settings or not seeds:
+        raise common.UserError(f"profiles {', '.join(profiles)} share no forget setting and seed")
+    merged, seen = [], set()
+    for rows in per_profile:
+        for row in rows:
+            key = row["arch"], row["forget"], row["seed"], row["path"]
+            if row["forget"] in settings and row["seed"] in seeds and key not in seen:
+                seen.add(key)
+                merged.append(row)
+    return merged
+
+
 def mean_std(values: list) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -477,7 +498,11 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def main():
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--profile", help=f"one of {', '.join(PROFILES)}")
+    what.add_argument("--compare", metavar="P1,P2,...",
+                      help="write <out-root>/compare.md: the finished profiles' rows on the forget settings and "
+                           "seeds they all have, in one table; runs nothing")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the profile's methods")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
     parser.add_argument("--forgets", default=None,
@@ -493,6 +518,14 @@ def main():
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild table.md and the plots from an earlier run's results.csv; runs nothing")
     args = parser.parse_args()
+    if args.compare:
+        rows = compare_rows(args.compare.split(","), Path(args.out_root),
+                            args.forgets.split(",") if args.forgets else None)
+        out = Path(args.out_root) / "compare.md"
+        common.atomic_write(out, lambda tmp: tmp.write_text(summary_table(rows)))
+        print(summary_table(rows))
+        print(f"compared {args.compare}: {len(rows)} rows -> {out}")
+        return
     if args.profile not in PROFILES:
         raise common.UserError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
     profile = PROFILES[args.profile]

@@ -113,3 +113,23 @@ def test_every_profile_names_only_known_methods_and_tunes_only_its_own():
         assert set(profile.get("tune", [])) <= set(profile["methods"]) & set(reproduce.TUNING), name
     for method, (script, _) in reproduce.METHODS.items():
         assert (reproduce.Path(__file__).parents[1] / script).exists(), method
+
+
+def test_compare_keeps_the_shared_settings_and_seeds_and_each_model_once(tmp_path):
+    import reproduce
+
+    def row(forget, seed, label, path):
+        return dict(arch="resnet_tiny", forget=forget, seed=seed, label=label, method=label, path=path,
+                    reference="retrain", **{k: 1.0 for k in reproduce.METRICS})
+    first = [row(f, s, label, f"{f}_{label}_s{s}") for f in ("class3", "class0") for s in (0, 1)
+             for label in ("retrain", "finetune")]
+    second = [row(f, s, label, f"{f}_{label}_s{s}") for f in ("class3", "random1200") for s in (0, 1, 2)
+              for label in ("retrain", "salun")]
+    for name, rows in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        reproduce.write_rows(tmp_path / name / "results.csv", rows, name)
+    merged = reproduce.compare_rows(["a", "b"], tmp_path)
+    assert {(r["forget"], r["seed"]) for r in merged} == {("class3", 0), ("class3", 1)}
+    assert sorted(r["label"] for r in merged) == ["finetune"] * 2 + ["retrain"] * 2 + ["salun"] * 2
+    with pytest.raises(reproduce.common.UserError, match="share no"):
+        reproduce.compare_rows(["a", "b"], tmp_path, forgets=["random1200"])
