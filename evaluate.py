@@ -159,7 +159,7 @@ def avg_gap(row: dict, retrain_row: dict, keys=("UA", "RA", "TA", "mia_efficacy"
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints -> rows.
 
-def _check_compatible(metas: dict[str, dict]) -> dict:
+def check_compatible(metas: dict[str, dict]) -> dict:
     """All checkpoints share dataset, split and architecture; those with a forget set share it. Returns the spec."""
     first_path, first = next(iter(metas.items()))
     split_keys = ("dataset", "val_fraction", "split_seed", "train_subset")
@@ -193,7 +193,7 @@ def _recipe(meta: dict) -> dict:
     return {k: config.get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE_KEYS}
 
 
-def _pretrained_ancestor(path: str, meta: dict) -> tuple[str, dict] | None:
+def pretrained_ancestor(path: str, meta: dict) -> tuple[str, dict] | None:
     """The pretrain.py original a checkpoint descends from (following the sidecars' parent links), if on disk."""
     seen = set()
     while meta["method"] != "original":
@@ -216,11 +216,11 @@ def starts_sparse(meta: dict) -> bool:
                 and common.read_sidecar(parent).get("pruned_modules"))
 
 
-def _check_references(metas: dict[str, dict], references: dict[str, str]) -> None:
+def check_references(metas: dict[str, dict], references: dict[str, str]) -> None:
     """Every reference is a Retrain (a sparse one where asked) of the originals' recipe; refuse it otherwise."""
     originals = {}
     for path, meta in metas.items():
-        found = _pretrained_ancestor(path, meta)
+        found = pretrained_ancestor(path, meta)
         if found:
             originals[found[0]] = found[1]
     for path, role in references.items():
@@ -288,8 +288,8 @@ def evaluate_checkpoints(paths: list[str], retrain: str | None = None, *, sparse
         raise common.UserError("--floor and --sparse-retrain need --retrain")
     ordered = list(references) + [str(p) for p in paths if str(p) not in references]
     metas = {p: common.read_sidecar(p) for p in ordered}
-    spec = _check_compatible(metas)
-    _check_references(metas, references)
+    spec = check_compatible(metas)
+    check_references(metas, references)
     data = common.data_from_spec(spec, data_dir, device)
     if split == "val" and not len(data.val):
         raise common.UserError("--split val needs a validation split; these models were trained with --val-fraction 0")
@@ -369,7 +369,8 @@ def describe_forget(spec: dict) -> str:
     return f"{spec['dataset']}, forget set: {what}, {spec['forget_count']} images, hash {spec['forget_hash']}"
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write text to path atomically, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     common.atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -410,10 +411,10 @@ def main():
               f"MIAs over {args.mia_draws} member draws\n\n{markdown_table(rows)}\n\n{LEGEND}\n")
     print(report)
     if args.json:
-        _write(Path(args.json), json.dumps(dict(forget=spec, split=args.split, mia_draws=args.mia_draws, rows=rows),
+        write_text(Path(args.json), json.dumps(dict(forget=spec, split=args.split, mia_draws=args.mia_draws, rows=rows),
                                            indent=1))
     if args.md:
-        _write(Path(args.md), report)
+        write_text(Path(args.md), report)
     if outputs:
         print("wrote " + ", ".join(map(str, outputs)))
 
