@@ -150,12 +150,13 @@ def audit(kind: str, paths: list[str], retrain: str, *, floor: tuple[str, ...] =
         original_model, _ = common.load_checkpoint(original[0], device)
         target = threshold * common.accuracy(common.predict(original_model, held_out[0], data.info, input_size),
                                              held_out[1])
+    methods = [m["method"] for m in metas.values()]
     rows = []
     for path, meta in metas.items():
         common.seed_everything(seed)
         model, _ = common.load_checkpoint(path, device)
         label = {"--retrain": "retrain", "--floor": f"retrain-floor s{meta['config'].get('seed')}"}.get(
-            references.get(path), meta["method"])
+            references.get(path), meta["method"] if methods.count(meta["method"]) == 1 else Path(path).stem)
         row = dict(model=label, path=path)
         if kind == "probe":
             row.update(probe_row(model, data, input_size, seed))
