@@ -67,6 +67,15 @@ def retrain(workdir, data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def retrain_seed1(workdir, data_dir) -> Path:
+    """A second Retrain for forget class 3 (seed 1): the seed-noise floor."""
+    out = workdir / "retrain_class3_s1.safetensors"
+    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--seed", "1",
+               "--data-dir", data_dir, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def original_vit(workdir, data_dir) -> Path:
     out = workdir / "original_vit.safetensors"
     run_script("pretrain.py", *SUBSET, "--arch", "vit_tiny", "--epochs", "2", "--data-dir", data_dir, "--out", out)

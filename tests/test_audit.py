@@ -7,7 +7,7 @@ import torch
 
 import audit
 import common
-from conftest import SUBSET, TINY_RESNET, run_script
+from conftest import run_script
 
 
 def test_steps_to_finds_the_first_step_at_the_target():
@@ -23,14 +23,6 @@ def test_relearn_data_is_one_draw_with_the_held_out_forgotten_images_kept_out(da
     assert not flat & {tuple(img.flatten().tolist()) for img in x_held}
     with pytest.raises(common.UserError, match="Df has only"):
         audit.relearn_data(data, n_forget=100, n_retain=50, gen=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def retrain_seed1(workdir, data_dir):
-    out = workdir / "retrain_class3_s1.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--seed", "1",
-               "--data-dir", data_dir, "--out", out)
-    return out
 
 
 # A model that memorises its training images (2,000 images, 30 epochs, no augmentation: 100% train accuracy), and

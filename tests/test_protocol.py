@@ -122,10 +122,8 @@ def test_sparse_rows_are_scored_against_the_sparse_retrain(omp, sparse_retrain, 
 
 
 @pytest.mark.slow
-def test_floor_rows_measure_retrain_against_retrain(original, retrain, data_dir, workdir, tmp_path):
-    other_seed = workdir / "retrain_class3_s1.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--seed", "1",
-               "--data-dir", data_dir, "--out", other_seed)
+def test_floor_rows_measure_retrain_against_retrain(original, retrain, retrain_seed1, data_dir, tmp_path):
+    other_seed = retrain_seed1
     js, md = tmp_path / "rows.json", tmp_path / "table.md"
     run_script("evaluate.py", original, "--retrain", retrain, "--floor", other_seed, "--mia-draws", "2",
                "--data-dir", data_dir, "--json", js, "--md", md)
