@@ -129,12 +129,8 @@ def audit(kind: str, paths: list[str], retrain: str, *, floor: tuple[str, ...] =
     """Rows of one audit ("probe" or "relearn") for Retrain, the floor Retrains and each checkpoint."""
     device = common.pick_device(device)
     references = {str(retrain): "--retrain", **{str(p): "--floor" for p in floor}}
-    ordered = list(references) + [str(p) for p in paths if str(p) not in references]
-    metas = {p: common.read_sidecar(p) for p in ordered}
-    spec = evaluate.check_compatible(metas)
-    evaluate.check_references(metas, references)
-    data = common.data_from_spec(spec, data_dir, device)
-    input_size = common.ARCHS[metas[ordered[0]]["arch"]].input_size
+    metas, data = evaluate.checked_models(paths, references, data_dir=data_dir, device=device)
+    input_size = common.ARCHS[next(iter(metas.values()))["arch"]].input_size
     if kind == "probe" and not len(data.val):
         raise common.UserError("probe fits on the validation split; these models were trained with --val-fraction 0")
     if kind == "relearn":

@@ -240,6 +240,17 @@ def check_references(metas: dict[str, dict], references: dict[str, str]) -> None
                                        f"(retrain vs original: {diff}): it is not this original's Retrain")
 
 
+def checked_models(paths: list[str], references: dict[str, str], *, data_dir: str,
+                   device: torch.device) -> tuple[dict[str, dict], common.Data]:
+    """The sidecars of the references (path -> its flag) then the other paths, checked to share a dataset, split,
+    architecture and forget set and the references to be Retrains of the originals' recipe; and their data."""
+    ordered = list(references) + [str(p) for p in paths if str(p) not in references]
+    metas = {p: common.read_sidecar(p) for p in ordered}
+    spec = check_compatible(metas)
+    check_references(metas, references)
+    return metas, common.data_from_spec(spec, data_dir, device)
+
+
 def held_out(data: common.Data, split: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The held-out images TA, FTA and the attacks' non-members come from: the test set, or the validation split
     (for choosing a method's settings without looking at the test set). Split into retained and forgotten classes."""
@@ -286,11 +297,7 @@ def evaluate_checkpoints(paths: list[str], retrain: str | None = None, *, sparse
     references = {str(p): role for p, role in roles}
     if (floor or sparse_retrain) and not retrain:
         raise common.UserError("--floor and --sparse-retrain need --retrain")
-    ordered = list(references) + [str(p) for p in paths if str(p) not in references]
-    metas = {p: common.read_sidecar(p) for p in ordered}
-    spec = check_compatible(metas)
-    check_references(metas, references)
-    data = common.data_from_spec(spec, data_dir, device)
+    metas, data = checked_models(paths, references, data_dir=data_dir, device=device)
     if split == "val" and not len(data.val):
         raise common.UserError("--split val needs a validation split; these models were trained with --val-fraction 0")
     parts = dict(forget=data.subset("forget"), retain=data.subset("retain"), **held_out(data, split))
@@ -411,8 +418,8 @@ def main():
               f"MIAs over {args.mia_draws} member draws\n\n{markdown_table(rows)}\n\n{LEGEND}\n")
     print(report)
     if args.json:
-        write_text(Path(args.json), json.dumps(dict(forget=spec, split=args.split, mia_draws=args.mia_draws, rows=rows),
-                                           indent=1))
+        write_text(Path(args.json), json.dumps(dict(forget=spec, split=args.split, mia_draws=args.mia_draws,
+                                                    rows=rows), indent=1))
     if args.md:
         write_text(Path(args.md), report)
     if outputs:
