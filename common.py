@@ -153,6 +153,26 @@ class Data:
         return self.spec["forget_hash"]
 
 
+# What fixes the images a model may train on (a sidecar's "data" entry); models to compare must agree on all.
+# Sidecars written before "shadow" existed lack it, which reads as None (no shadow).
+SPLIT_KEYS = ("dataset", "val_fraction", "split_seed", "train_subset", "shadow")
+
+
+def shadow_members(shadow: str, n: int) -> torch.Tensor:
+    """Which of n training images shadow "k/N" keeps: each image is in exactly N/2 of the N shadows (Carlini et
+    al. 2022's LiRA split), so every target image has as many models that saw it as models that did not."""
+    try:
+        index, count = map(int, shadow.split("/"))
+    except ValueError:
+        raise UserError(f"--shadow {shadow!r}: expected k/N, e.g. 0/16") from None
+    if count < 2 or count % 2 or not 0 <= index < count:
+        raise UserError(f"--shadow {shadow}: N must be even and at least 2, and k in 0..N-1")
+    # One fixed draw for every population: shadow k of N is the same half in every run and every script.
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(b"shadow halves").hexdigest()[:15], 16))
+    ranks = torch.rand(count, n, generator=gen).argsort(0).argsort(0)
+    return ranks[index] < count // 2
+
+
 def index_hash(indices: torch.Tensor) -> str:
     """Stable short hash of a set of indices: two runs with the same hash forget the same images."""
     return hashlib.sha256(np.sort(indices.cpu().numpy()).astype(np.int64).tobytes()).hexdigest()[:16]
@@ -160,12 +180,16 @@ def index_hash(indices: torch.Tensor) -> str:
 
 def make_data(dataset: str, data_dir: str | Path, device: torch.device | str = "cpu", *, val_fraction: float = 0.1,
               split_seed: int = 0, train_subset: int = 0, forget_class: int | None = None,
-              forget_random: int = 0, forget_seed: int = 0, download: bool = False) -> Data:
+              forget_random: int = 0, forget_seed: int = 0, shadow: str | None = None, download: bool = False) -> Data:
     """Load a dataset onto the device and cut it into train/val/forget/retain/test splits.
 
     The validation split holds out val_fraction of each class (seed split_seed); train_subset > 0 keeps a
     random subset of the remaining training images (same seed). Forgetting is class-wise (forget_class) or
-    random-sample (forget_random images drawn with forget_seed); with neither, forget is empty."""
+    random-sample (forget_random images drawn with forget_seed); with neither, forget is empty.
+
+    shadow = "k/N" keeps the half of the training split that shadow model k of N trains on (shadow_members), for a
+    membership audit (audit.py lira). Random-sample forgetting draws its images before the halving and forgets
+    those the half kept, so every shadow forgets its own share of one fixed pool of target images."""
     info, (x_train, y_train), (x_test, y_test) = load_dataset(dataset, data_dir, download)
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -188,16 +212,19 @@ def make_data(dataset: str, data_dir: str | Path, device: torch.device | str = "
         if not 0 < train_subset <= len(train):
             raise UserError(f"--train-subset {train_subset} must be in 1..{len(train)}")
         train = train[torch.randperm(len(train), generator=split_gen)[:train_subset]].sort().values
+    if forget_random and not 0 < forget_random < len(train):
+        raise UserError(f"--forget-random {forget_random} must be in 1..{len(train) - 1} "
+                        f"(the training split has {len(train)} images)")
+    # A separate generator from the split's on purpose: the forget set does not move when the split seed does.
+    pool = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(forget_seed))[:forget_random]]
+    if shadow is not None:
+        train = train[shadow_members(shadow, len(train))]
 
     if forget_class is not None:
         forget = train[y_train[train] == forget_class]
         test_forget_mask = y_test == forget_class
     elif forget_random:
-        if not 0 < forget_random < len(train):
-            raise UserError(f"--forget-random {forget_random} must be in 1..{len(train) - 1} "
-                            f"(the training split has {len(train)} images)")
-        forget_gen = torch.Generator().manual_seed(forget_seed)  # separate from the split seed on purpose
-        forget = train[torch.randperm(len(train), generator=forget_gen)[:forget_random]].sort().values
+        forget = pool[torch.isin(pool, train)].sort().values
         test_forget_mask = torch.zeros_like(y_test, dtype=torch.bool)
     else:
         forget = train[:0]
@@ -205,7 +232,7 @@ def make_data(dataset: str, data_dir: str | Path, device: torch.device | str = "
     retain = train[~torch.isin(train, forget)]
 
     spec = dict(dataset=dataset, val_fraction=val_fraction, split_seed=split_seed, train_subset=train_subset,
-                forget_class=forget_class, forget_random=forget_random,
+                shadow=shadow, forget_class=forget_class, forget_random=forget_random,
                 forget_seed=forget_seed if forget_random else None,
                 forget_count=len(forget), forget_hash=index_hash(forget) if len(forget) else None)
     device = torch.device(device)
@@ -221,7 +248,7 @@ def data_from_spec(spec: dict, data_dir: str | Path, device: torch.device | str)
     data = make_data(spec["dataset"], data_dir, device, val_fraction=spec["val_fraction"],
                      split_seed=spec["split_seed"], train_subset=spec["train_subset"],
                      forget_class=spec["forget_class"], forget_random=spec["forget_random"],
-                     forget_seed=spec["forget_seed"] or 0)
+                     forget_seed=spec["forget_seed"] or 0, shadow=spec.get("shadow"))
     if spec.get("forget_hash") and spec["forget_hash"] != data.forget_hash:
         raise UserError(f"a sidecar's forget hash {spec['forget_hash']} does not match the forget set its split "
                         f"spec describes ({data.forget_hash}): the sidecar was edited or corrupted")
@@ -797,16 +824,20 @@ def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: Da
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None = None,
-            batch_size: int = 1024, fp32: bool = False) -> torch.Tensor:
+            batch_size: int = 1024, fp32: bool = False, features: bool = False) -> torch.Tensor:
     """Float32 logits for uint8 images, in eval mode, batch by batch, returned on the CPU.
 
-    fp32=True computes them without bf16 autocast on CUDA too (evaluation: attacks read small differences)."""
+    fp32=True computes them without bf16 autocast on CUDA too (evaluation: attacks read small differences).
+    features=True returns the classifier head's input instead (timm's forward_head(pre_logits=True))."""
     model.eval()
     device = next(model.parameters()).device
+
+    def forward(xb):
+        return model.forward_head(model.forward_features(xb), pre_logits=True) if features else model(xb)
     out = []
     for start in range(0, len(x), batch_size):
         with autocast(device) if not fp32 else contextlib.nullcontext():
-            out.append(model(normalize(x[start:start + batch_size].to(device), info, input_size)).float().cpu())
+            out.append(forward(normalize(x[start:start + batch_size].to(device), info, input_size)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, info.num_classes)
 
 
@@ -879,7 +910,8 @@ def default_output(out_dir: str | Path, data: Data, arch: str, method: str, seed
         forget = f"random{spec['forget_random']}-f{spec['forget_seed']}"
     else:
         forget = "full"
-    return Path(out_dir) / f"{data.name}_{arch}_{forget}_{method}_s{seed}.safetensors"
+    shadow = "" if spec["shadow"] is None else f"_shadow{spec['shadow'].replace('/', 'of')}"
+    return Path(out_dir) / f"{data.name}_{arch}{shadow}_{forget}_{method}_s{seed}.safetensors"
 
 
 def _lock_path(path: Path) -> Path:
@@ -1177,6 +1209,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="seed of the train/val split (default: %(default)s)")
     g.add_argument("--train-subset", type=non_negative_int, default=0,
                    help="keep only N random training images, for quick runs; 0 = all (default: %(default)s)")
+    g.add_argument("--shadow", default=None, metavar="k/N",
+                   help="train on shadow k of N's half of the training split (audit.py lira's shadow models); "
+                        "--forget-random then forgets those of its images the half holds")
 
 
 class _RandomForget(argparse.Action):

@@ -162,15 +162,14 @@ def avg_gap(row: dict, retrain_row: dict, keys=("UA", "RA", "TA", "mia_efficacy"
 def check_compatible(metas: dict[str, dict]) -> dict:
     """All checkpoints share dataset, split and architecture; those with a forget set share it. Returns the spec."""
     first_path, first = next(iter(metas.items()))
-    split_keys = ("dataset", "val_fraction", "split_seed", "train_subset")
     for path, meta in metas.items():
         if meta["arch"] != first["arch"]:
             raise common.UserError(f"{path} is a {meta['arch']} model but {first_path} a {first['arch']}: "
                                    "compare one architecture at a time")
-        for key in split_keys:
-            if meta["data"][key] != first["data"][key]:
+        for key in common.SPLIT_KEYS:
+            if meta["data"].get(key) != first["data"].get(key):
                 raise common.UserError(f"{path} and {first_path} differ in data {key} "
-                                       f"({meta['data'][key]} vs {first['data'][key]})")
+                                       f"({meta['data'].get(key)} vs {first['data'].get(key)})")
     with_forget = {p: m for p, m in metas.items() if m["data"]["forget_hash"]}
     if not with_forget:
         raise common.UserError("no checkpoint carries a forget set: pass an unlearned model or --retrain")

@@ -141,9 +141,9 @@ def mask_of(path: str, arch: str, data: common.Data) -> dict:
     source, meta = common.load_checkpoint(path, "cpu", expect_arch=arch)
     if not meta.get("pruned_modules"):
         raise common.UserError(f"--mask-from {path} is not a sparse model (it has no pruned layers)")
-    for key in ("dataset", "val_fraction", "split_seed", "train_subset"):
-        if meta["data"][key] != data.spec[key]:
-            raise common.UserError(f"--mask-from {path} was trained on another split ({key} {meta['data'][key]} "
+    for key in common.SPLIT_KEYS:
+        if meta["data"].get(key) != data.spec[key]:
+            raise common.UserError(f"--mask-from {path} was trained on another split ({key} {meta['data'].get(key)} "
                                    f"vs {data.spec[key]})")
     return {name: m.weight_mask for name, m in source.named_modules() if hasattr(m, "weight_mask")}
 
@@ -169,8 +169,8 @@ def main():
     forget = dict(forget_class=args.forget_class, forget_random=args.forget_random,
                   forget_seed=args.forget_seed) if args.retrain else {}
     data = common.make_data(args.dataset, args.data_dir, device, val_fraction=args.val_fraction,
-                            split_seed=args.split_seed, train_subset=args.train_subset, download=args.download,
-                            **forget)
+                            split_seed=args.split_seed, train_subset=args.train_subset, shadow=args.shadow,
+                            download=args.download, **forget)
     method = "retrain" if args.retrain else "original"
     name = "retrain-sparse" if args.mask_from else method
     out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=args.arch, method=name, seed=args.seed,

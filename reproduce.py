@@ -13,6 +13,7 @@ table.md (mean +/- std per forget kind and method, Retrain first, directions sta
 """
 import argparse
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -117,6 +118,23 @@ PROFILES = {
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "loraprune"], omp=[0.5],
         omp_flags=["--rewind-epoch", "0"],
         method_flags={"finetune": ["--epochs", "1"], "loraprune": ["--epochs", "1"]}),
+}
+# Audit profiles: audit.py's probe and relearn on every model of finished profiles (their results.csv; seed and
+# forget settings as listed), and U-LiRA on a shadow population of its own (audit.py lira; None: left out).
+AUDIT_PROFILES = {
+    "cpu-fashion-audit": dict(
+        of=["cpu-fashion", "cpu-fashion-sparse", "cpu-fashion-rfa", "cpu-fashion-leading"], seeds=[0],
+        probe=["class3", "random1200"],
+        relearn=["class3"],  # a Retrain already classifies held-out random Df images near the original's level
+        lira=dict(  # random-sample forgetting on 2,000-image halves; settings the random1200 tuning chose
+            pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
+                      "30", "--augment", "false"],  # converged: 100% train accuracy, validation flat
+            methods=["finetune", "loraprune", "ga", "salun", "scrub", "ssd", "neggradplus", "badteacher"],
+            method_flags={"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
+                          "ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"]},
+            shadows=16, pool=500)),
+    "smoke-audit": dict(of=["smoke"], seeds=[0], probe=["class3"], relearn=["class3"], lira=None,
+                        relearn_settings=dict(relearn_steps=20, relearn_forget=100, relearn_retain=300)),
 }
 KIND_NAMES = {"class": "class-wise", "random": "random-sample"}
 METRICS = ["UA", "RA", "TA", "FTA", "mia_efficacy", "mia_efficacy_std", "mia_loss", "mia_loss_std", "mia_entropy",
@@ -385,11 +403,111 @@ def compare_rows(profiles: list[str], root: Path, forgets: list[str] | None = No
     merged, seen = [], set()
     for rows in per_profile:
         for row in rows:
-            key = row["arch"], row["forget"], row["seed"], row["path"]
+            key = row["arch"], row["forget"], row["seed"], Path(row["path"]).resolve()  # profiles run from other cwds
             if row["forget"] in settings and row["seed"] in seeds and key not in seen:
                 seen.add(key)
                 merged.append(row)
     return merged
+
+
+def audit_groups(profiles: list[str], root: Path, forgets: list[str], seeds: list[int]) -> list[dict]:
+    """Per (arch, forget setting, seed) of finished profiles: the Retrain, its floor Retrains and every other model
+    once, labelled as in their tables (sparse Retrains left out: references for pruning, not methods)."""
+    groups = {}
+    for row in compare_rows(profiles, root, forgets):
+        if row["seed"] not in seeds:
+            continue
+        key = row["arch"], row["forget"], row["seed"]
+        group = groups.setdefault(key, dict(zip(("arch", "forget", "seed"), key), retrain=None, floor=[], models={}))
+        if row["label"] == "retrain":
+            group["retrain"] = row["path"]
+        elif row["label"] == "retrain-floor":
+            group["floor"].append(row["path"])
+        elif not row["label"].startswith("retrain-sparse"):
+            group["models"][row["label"]] = row["path"]
+    return list(groups.values())
+
+
+def relearn_plot(rows: list[dict], path: Path) -> None:
+    """Accuracy on the held-out forgotten data against relearning steps, one panel per forget setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(dict.fromkeys((r["forget"], r["seed"]) for r in rows))
+    fig, axes = plt.subplots(1, len(settings), figsize=(11 * len(settings), 6), squeeze=False)
+    for ax, (forget, seed) in zip(axes[0], settings):
+        group = [r for r in rows if (r["forget"], r["seed"]) == (forget, seed)]
+        colours = iter([*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors] * 2)
+        for row in group:
+            style = dict(color="black", linewidth=2.5) if row["model"] == "retrain" else \
+                dict(color="black", linewidth=1.5, linestyle="--") if row["model"].startswith("retrain") else \
+                dict(color="grey", linestyle=":") if row["model"] == "original" else dict(color=next(colours))
+            ax.plot(row["curve"], label=row["model"], **style)
+        ax.axhline(group[0]["target_acc"], color="red", linewidth=0.8, linestyle="--")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set(xlim=(0, len(group[0]["curve"]) - 1), xlabel="relearning steps (Adam, batch 64; log scale past 1)",
+               ylabel="accuracy on held-out forgotten data (%)",
+               title=f"{forget}, seed {seed}: Retrain (black) has to learn it; the others get it back (red: target)")
+        ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def lira_setup(lira: dict, root: Path) -> tuple[dict, Path]:
+    """An audit profile's U-LiRA methods (name -> command) and its shadows' checkpoint folder."""
+    import audit
+    methods = audit.method_commands(lira["methods"], lira["method_flags"])
+    return methods, root / "ckpt" / ("lira_" + "_".join(a.removeprefix("--") for a in lira["pretrain"]
+                                                       if a not in ("--dataset", "--arch")))
+
+
+def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: str,
+                      dry_run: bool = False) -> list[Path]:
+    """probe and relearn on every model of the audited profiles, then U-LiRA; returns the files written."""
+    import audit
+    import evaluate
+    out_dir, written = root / name, []
+    relearn_settings = spec.get("relearn_settings", {})  # audit.audit's keywords; its defaults otherwise
+    relearn_steps = relearn_settings.get("relearn_steps", audit.RELEARN_STEPS)
+    if dry_run:
+        if spec["lira"]:
+            methods, ckpt = lira_setup(spec["lira"], root)
+            runs, _ = audit.shadow_runs(spec["lira"]["pretrain"], methods, shadows=spec["lira"]["shadows"],
+                                        pool=spec["lira"]["pool"], pool_seed=0, ckpt_dir=ckpt)
+            print("\n".join("python " + " ".join(map(str, r["cmd"])) + f" --out {r['out']}" for r in runs))
+        print(f"then probe {spec['probe']} and relearn {spec['relearn']} on every seed-{spec['seeds']} model of "
+              f"{', '.join(spec['of'])} (their results.csv)")
+        return []
+    for kind in [k for k in ("probe", "relearn") if spec[k]]:
+        rows, report = [], []
+        for group in audit_groups(spec["of"], root, spec[kind], spec["seeds"]):
+            labels = {path: label for label, path in group["models"].items()}
+            print(f"{kind}: {group['forget']} seed {group['seed']}, {len(labels)} models", flush=True)
+            mine = [dict(row, model=labels.get(row["path"], row["model"]), forget=group["forget"], seed=group["seed"])
+                    for row in audit.audit(kind, list(labels), group["retrain"], floor=tuple(group["floor"]),
+                                           data_dir=data_dir, device=device,
+                                           **(relearn_settings if kind == "relearn" else {}))]
+            report.append(f"### {group['arch']}, {group['forget']}, seed {group['seed']}\n\n"
+                          f"{audit.markdown(kind, mine, relearn_steps)}\n")
+            rows += mine
+        written += [out_dir / f"{kind}.md", out_dir / f"{kind}.json"]
+        evaluate.write_text(written[-2], "\n".join(report))
+        evaluate.write_text(written[-1], json.dumps(rows, indent=1))
+        if kind == "relearn" and rows:
+            written.append(out_dir / "relearn_curves.png")
+            relearn_plot(rows, written[-1])
+    if spec["lira"]:
+        lira = spec["lira"]
+        methods, ckpt = lira_setup(lira, root)
+        result = audit.lira(lira["pretrain"], methods, shadows=lira["shadows"], pool=lira["pool"], ckpt_dir=ckpt,
+                            data_dir=data_dir, device=device)
+        written += [out_dir / "lira.md", out_dir / "lira.json", out_dir / "lira_roc.png"]
+        evaluate.write_text(written[-3], audit.lira_markdown(result) + "\n")
+        evaluate.write_text(written[-2], json.dumps(dict(pretrain=lira["pretrain"], methods=methods, **result)))
+        audit.roc_plot(result, written[-1])
+    return written
 
 
 def mean_std(values: list) -> str:
@@ -499,7 +617,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 def main():
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--profile", help=f"one of {', '.join(PROFILES)}")
+    what.add_argument("--profile", help=f"one of {', '.join([*PROFILES, *AUDIT_PROFILES])}")
     what.add_argument("--compare", metavar="P1,P2,...",
                       help="write <out-root>/compare.md: the finished profiles' rows on the forget settings and "
                            "seeds they all have, in one table; runs nothing")
@@ -526,8 +644,17 @@ def main():
         print(summary_table(rows))
         print(f"compared {args.compare}: {len(rows)} rows -> {out}")
         return
+    if args.profile in AUDIT_PROFILES:
+        start = time.perf_counter()
+        written = run_audit_profile(args.profile, AUDIT_PROFILES[args.profile], Path(args.out_root), args.data_dir,
+                                    args.device, args.dry_run)
+        if args.dry_run:
+            return
+        print(f"{args.profile}: {time.perf_counter() - start:.0f}s -> " + ", ".join(map(str, written)))
+        return
     if args.profile not in PROFILES:
-        raise common.UserError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+        raise common.UserError(f"unknown profile {args.profile!r}; choose one of "
+                               f"{', '.join([*PROFILES, *AUDIT_PROFILES])}")
     profile = PROFILES[args.profile]
     if args.forgets:
         tags = [forget_tag(f) for f in profile["forgets"]]

@@ -1,7 +1,10 @@
 """audit.py: the linear probe and relearning tell the original (which still knows Df) from Retrain, and two
-Retrains of different seeds apart by no more than their noise; both subcommands end to end."""
+Retrains of different seeds apart by no more than their noise; the LiRA statistic and the challenge's epsilon on
+synthetic confidences; every subcommand end to end."""
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +76,63 @@ def test_relearn_tells_the_original_from_retrain_but_not_two_retrains(original, 
 def test_audit_refuses_a_reference_that_is_not_a_retrain(original, retrain, data_dir):
     proc = run_script("audit.py", "probe", retrain, "--retrain", original, "--data-dir", data_dir, check=False)
     assert proc.returncode != 0 and "not a Retrain" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shadow_halves_hold_every_pool_image_in_exactly_half_of_the_shadows(data_dir):
+    pool = common.make_data("fashion-mnist", data_dir, train_subset=1000, forget_random=100).forget
+    held = torch.zeros(len(pool))
+    for k in range(8):
+        original = common.make_data("fashion-mnist", data_dir, train_subset=1000, shadow=f"{k}/8")
+        shadow = common.make_data("fashion-mnist", data_dir, train_subset=1000, forget_random=100, shadow=f"{k}/8")
+        assert torch.equal(original.train, shadow.train)  # the original and Retrain of a shadow share its half
+        assert torch.isin(shadow.forget, shadow.train).all() and torch.isin(shadow.forget, pool).all()
+        held += torch.isin(pool, shadow.train)
+    assert (held == 4).all()
+    for bad in ("3", "8/8", "1/5"):
+        with pytest.raises(common.UserError, match="--shadow"):
+            common.make_data("fashion-mnist", data_dir, train_subset=1000, shadow=bad)
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_lira_statistic_on_gaussian_confidences_gives_the_known_auc(shift):
+    # Per image a mean of its own; learned images shifted by `shift` standard deviations. The likelihood-ratio
+    # test's AUC is then Phi(shift / sqrt(2)): 0.5 and 0.760.
+    rng = np.random.default_rng(0)
+    shadows, images = 200, 100
+    members = np.argsort(rng.random((shadows, images)), axis=0) < shadows // 2
+    confidence = rng.normal(0, 3, images) + shift * members + rng.normal(0, 1, (shadows, images))
+    result = audit.attack(audit.lira_scores(confidence, members), members, bootstrap=20, seed=0)
+    expected = 0.5 * (1 + math.erf(shift / 2))
+    assert abs(result["auc"] - expected) < 0.02, (result, expected)
+    assert result["auc_std"] < 0.01
+
+
+def test_challenge_epsilon_is_zero_for_one_distribution_and_the_cap_for_separated_ones():
+    values = np.array([0.1, 0.5, 1.3, 2.0, 2.2, 3.1, 4.0, 4.4])
+    assert audit.example_epsilon(values, values.copy()) == 0.0
+    assert audit.example_epsilon(values, values + 100) == audit.EPSILON_CAP
+    assert audit.challenge_points(np.array([0.0, 0.7, audit.EPSILON_CAP]), n_models=8).tolist() == [1, 0.5, 0]
+
+
+# Six shadows of a small memorising recipe (300-image halves, 40 epochs): the smallest population that runs
+# every step; it tells the original apart, it measures nothing finer.
+LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 --epochs 40 --batch-size 64 "
+                 "--lr 0.1 --augment false")
+
+
+@pytest.mark.slow
+def test_lira_end_to_end_scores_the_original_above_the_retrain_floor_and_resumes(data_dir, tmp_path):
+    args = ["audit.py", "lira", "--pretrain", LIRA_PRETRAIN, "--methods", "ga", "--shadows", "6", "--pool", "100",
+            "--ckpt-dir", tmp_path / "shadows", "--bootstrap", "20", "--data-dir", data_dir]
+    out = tmp_path / "lira.json"
+    proc = run_script(*args, "--json", out, "--md", tmp_path / "lira.md", "--plot", tmp_path / "roc.png")
+    assert "U-LiRA AUC (0.5 = as Retrain) ↓" in proc.stdout and (tmp_path / "roc.png").stat().st_size > 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["retrain", "original", "ga"]
+    # The original still holds its training images: far easier to tell from never-seen than Retrain is.
+    assert rows["original"]["auc"] > rows["retrain"]["auc"] + 0.15, rows
+    assert rows["original"]["forget_quality"] < rows["retrain"]["forget_quality"]
+    again = run_script(*args)  # resumes: every shadow model exists
+    assert again.stdout.count("skipped (exists)") == 18
+    refused = run_script(*args, "--shadows", "5", check=False)
+    assert refused.returncode != 0 and "even number" in refused.stderr and "Traceback" not in refused.stderr

@@ -1,4 +1,5 @@
-"""reproduce.py's smoke profile end to end, resuming, the GPU profiles' dry run, and bench.py's quick mode."""
+"""reproduce.py's smoke profile end to end, resuming, its audit profile, the GPU profiles' dry run, and bench.py's
+quick mode."""
 import csv
 import json
 
@@ -63,6 +64,15 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     rebuilt = run_script("reproduce.py", "--profile", "smoke", "--out-root", tmp_path, "--report-only")
     assert "skipped" not in rebuilt.stdout and "done in" not in rebuilt.stdout
     assert (out / "table.md").read_text() == table and (out / "ua_vs_ra.png").stat().st_size > 0
+
+    # The audit profile reads the finished profile's models from results.csv: every one probed and relearned.
+    run_script("reproduce.py", "--profile", "smoke-audit", "--out-root", tmp_path, "--data-dir", data_dir)
+    probe = json.loads((tmp_path / "smoke-audit" / "probe.json").read_text())
+    assert [r["model"] for r in probe] == ["retrain", "retrain-floor s1", "original", "finetune", "loraprune",
+                                           "original@omp50", "finetune@omp50", "loraprune@omp50"]
+    relearn = json.loads((tmp_path / "smoke-audit" / "relearn.json").read_text())
+    assert all(len(r["curve"]) == 21 for r in relearn) and relearn[2]["steps_to_threshold"] == 0  # the original
+    assert (tmp_path / "smoke-audit" / "relearn_curves.png").stat().st_size > 0
 
 
 @pytest.mark.slow
