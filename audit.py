@@ -28,7 +28,7 @@ unlearning) is the floor the estimator reaches at this N, "original" (no unlearn
 The challenge's forget quality instead compares a method's models with the Retrains on each forgotten image.
 Runs are resumable (a finished checkpoint of the same flags is kept).
 
-    python audit.py lira --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 15
+    python audit.py lira --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 30
         --augment false" --methods finetune,scrub --method-flags "scrub=--lr 0.005" --shadows 16 --pool 500
 
 Every model of probe and relearn must share dataset, split, architecture and forget set (evaluate.py's checks);
@@ -200,6 +200,9 @@ def shadow_runs(pretrain: list[str], methods: dict[str, list[str]], *, shadows: 
                 ckpt_dir: Path) -> tuple[list[dict], dict[str, list[Path]]]:
     """The population's training runs in dependency order ({kind, out, cmd}, as reproduce.execute takes them), and
     per model name ("original", "retrain", each method) its N checkpoints. Shadow k trains with seed k."""
+    if shadows < 6 or shadows % 2:
+        raise common.UserError(f"--shadows {shadows}: need an even number, at least 6 (each world's Gaussian "
+                               "needs two models after leaving one out)")
     forget = ["--forget-random", pool, "--forget-seed", pool_seed]
     runs, models = [], {name: [] for name in ("original", "retrain", *methods)}
     for k in range(shadows):
@@ -221,10 +224,11 @@ def lira_scores(confidence: np.ndarray, members: np.ndarray) -> np.ndarray:
     """U-LiRA's per-example likelihood ratio, leave one shadow out.
 
     confidence [N shadows, n images]: one model per shadow (a method's, Retrain's or the original's);
-    members [N, n]: the shadow's half held the image (so the method forgot it; elsewhere it never saw it). Each (shadow, image) is scored with Gaussians fit on the
-    other shadows: log N(c; in) - log N(c; out), higher = "was learned". Means per image, each world's variance
-    pooled over images: LiRA's fixed-variance variant (Carlini et al. 2022), which its authors found stronger
-    with few shadows; per-image variances from 7 models bias the test towards the world with more models."""
+    members [N, n]: the shadow's half held the image (so the method forgot it; elsewhere it never saw it). Each
+    (shadow, image) is scored with Gaussians fit on the other shadows: log N(c; in) - log N(c; out), higher =
+    "was learned". Means per image, each world's variance pooled over images: LiRA's fixed-variance variant
+    (Carlini et al. 2022), which its authors found stronger with few shadows; per-image variances from 7 models
+    bias the test towards the world with more models."""
     scores = np.empty_like(confidence)
     for k in range(len(confidence)):
         rest_c, rest_m = np.delete(confidence, k, 0), np.delete(members, k, 0)
@@ -409,9 +413,24 @@ def lira_markdown(result: dict) -> str:
               f"images. Challenge forget quality: per forgotten image, {k} of the method's models against {k} "
               f"Retrains that never saw it (the challenge used 512 each), eps in 0.5-wide buckets up to "
               f"ceil(log({k} - 1)), so it is coarse and Retrain against Retrain scores below 1; score = quality x "
-              "RA/RA_retrain x TA/TA_retrain (± for quality: its standard error over the images). RA, TA: mean accuracy "
-              "(%) over the shadows.")
+              "RA/RA_retrain x TA/TA_retrain (± for quality: its standard error over the images). RA, TA: mean "
+              "accuracy (%) over the shadows.")
     return "\n".join(lines) + "\n\n" + legend
+
+
+def write_lira(result: dict, *, pretrain: list[str], methods: dict[str, list[str]], md: str | Path | None = None,
+               json_path: str | Path | None = None, plot: str | Path | None = None) -> str:
+    """lira's report (returned), and on request its markdown, its JSON (rows, ROC curves, settings) and ROC plot."""
+    report = f"lira: {' '.join(pretrain)}\n\n{lira_markdown(result)}\n"
+    if json_path:
+        # One line: the ROC curves hold a point per threshold, thousands per model.
+        evaluate.write_text(Path(json_path), json.dumps(dict(audit="lira", pretrain=pretrain, methods=methods,
+                                                             **result)))
+    if md:
+        evaluate.write_text(Path(md), report)
+    if plot:
+        roc_plot(result, Path(plot))
+    return report
 
 
 def roc_plot(result: dict, path: Path) -> None:
@@ -430,9 +449,7 @@ def roc_plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    common.save_png(fig, path)
 
 
 def method_commands(names: list[str], extra: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -512,9 +529,6 @@ def main():
 
 
 def main_lira(args) -> None:
-    if args.shadows < 6 or args.shadows % 2:
-        raise common.UserError(f"--shadows {args.shadows}: need an even number, at least 6 (each world's Gaussian "
-                               "needs two models after leaving one out)")
     names, extra = args.methods.split(","), {}
     for item in args.method_flags:
         name, sep, value = item.partition("=")
@@ -527,15 +541,8 @@ def main_lira(args) -> None:
     result = lira(args.pretrain, methods, shadows=args.shadows, pool=args.pool, pool_seed=args.pool_seed,
                   ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, device=args.device, bootstrap=args.bootstrap,
                   seed=args.seed)
-    report = f"lira: {' '.join(args.pretrain)}\n\n{lira_markdown(result)}\n"
-    print(report)
-    if args.json:
-        evaluate.write_text(Path(args.json), json.dumps(dict(audit="lira", pretrain=args.pretrain, methods=methods,
-                                                             **result), indent=1))
-    if args.md:
-        evaluate.write_text(Path(args.md), report)
-    if args.plot:
-        roc_plot(result, Path(args.plot))
+    print(write_lira(result, pretrain=args.pretrain, methods=methods, md=args.md, json_path=args.json,
+                     plot=args.plot))
     if outputs:
         print("wrote " + ", ".join(map(str, outputs)))
 

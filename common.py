@@ -158,6 +158,11 @@ class Data:
 SPLIT_KEYS = ("dataset", "val_fraction", "split_seed", "train_subset", "shadow")
 
 
+def split_mismatch(spec: dict, other: dict) -> str | None:
+    """The first of SPLIT_KEYS on which two data specs disagree, or None when they describe the same split."""
+    return next((key for key in SPLIT_KEYS if spec.get(key) != other.get(key)), None)
+
+
 def shadow_members(shadow: str, n: int) -> torch.Tensor:
     """Which of n training images shadow "k/N" keeps: each image is in exactly N/2 of the N shadows (Carlini et
     al. 2022's LiRA split), so every target image has as many models that saw it as models that did not."""
@@ -1029,6 +1034,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG (atomically, creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
 
 
 def _sha256(path: Path) -> str:

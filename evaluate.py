@@ -166,10 +166,10 @@ def check_compatible(metas: dict[str, dict]) -> dict:
         if meta["arch"] != first["arch"]:
             raise common.UserError(f"{path} is a {meta['arch']} model but {first_path} a {first['arch']}: "
                                    "compare one architecture at a time")
-        for key in common.SPLIT_KEYS:
-            if meta["data"].get(key) != first["data"].get(key):
-                raise common.UserError(f"{path} and {first_path} differ in data {key} "
-                                       f"({meta['data'].get(key)} vs {first['data'].get(key)})")
+        key = common.split_mismatch(meta["data"], first["data"])
+        if key:
+            raise common.UserError(f"{path} and {first_path} differ in data {key} "
+                                   f"({meta['data'].get(key)} vs {first['data'].get(key)})")
     with_forget = {p: m for p, m in metas.items() if m["data"]["forget_hash"]}
     if not with_forget:
         raise common.UserError("no checkpoint carries a forget set: pass an unlearned model or --retrain")

@@ -141,10 +141,10 @@ def mask_of(path: str, arch: str, data: common.Data) -> dict:
     source, meta = common.load_checkpoint(path, "cpu", expect_arch=arch)
     if not meta.get("pruned_modules"):
         raise common.UserError(f"--mask-from {path} is not a sparse model (it has no pruned layers)")
-    for key in common.SPLIT_KEYS:
-        if meta["data"].get(key) != data.spec[key]:
-            raise common.UserError(f"--mask-from {path} was trained on another split ({key} {meta['data'].get(key)} "
-                                   f"vs {data.spec[key]})")
+    key = common.split_mismatch(meta["data"], data.spec)
+    if key:
+        raise common.UserError(f"--mask-from {path} was trained on another split ({key} {meta['data'].get(key)} "
+                               f"vs {data.spec[key]})")
     return {name: m.weight_mask for name, m in source.named_modules() if hasattr(m, "weight_mask")}
 
 

@@ -451,8 +451,7 @@ def relearn_plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    common.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    common.save_png(fig, path)
 
 
 def lira_setup(lira: dict, root: Path) -> tuple[dict, Path]:
@@ -504,9 +503,8 @@ def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: 
         result = audit.lira(lira["pretrain"], methods, shadows=lira["shadows"], pool=lira["pool"], ckpt_dir=ckpt,
                             data_dir=data_dir, device=device)
         written += [out_dir / "lira.md", out_dir / "lira.json", out_dir / "lira_roc.png"]
-        evaluate.write_text(written[-3], audit.lira_markdown(result) + "\n")
-        evaluate.write_text(written[-2], json.dumps(dict(pretrain=lira["pretrain"], methods=methods, **result)))
-        audit.roc_plot(result, written[-1])
+        audit.write_lira(result, pretrain=lira["pretrain"], methods=methods, md=written[-3], json_path=written[-2],
+                         plot=written[-1])
     return written
 
 
@@ -595,8 +593,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: points stay visible
     fig.tight_layout()
     written.append(out_dir / "ua_vs_ra.png")
-    common.atomic_write(written[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    common.save_png(fig, written[-1])
 
     labels = list(dict.fromkeys(r["label"] for r in rows if r["label"] != "original"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -609,8 +606,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_title(title)
     fig.tight_layout()
     written.append(out_dir / "cost.png")
-    common.atomic_write(written[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    common.save_png(fig, written[-1])
     return written
 
 
