@@ -198,7 +198,7 @@ def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 def shadow_runs(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int, pool: int, pool_seed: int,
                 ckpt_dir: Path) -> tuple[list[dict], dict[str, list[Path]]]:
-    """The population's training runs in dependency order ({kind, out, cmd}, as reproduce.execute takes them), and
+    """The population's training runs in dependency order ({kind, out, cmd}, as reproduce.run_graph takes them), and
     per model name ("original", "retrain", each method) its N checkpoints. Shadow k trains with seed k."""
     if shadows < 6 or shadows % 2:
         raise common.UserError(f"--shadows {shadows}: need an even number, at least 6 (each world's Gaussian "
@@ -329,16 +329,17 @@ def shadow_outputs(paths: list[Path], shadow_data: list[common.Data], pool: tupl
 
 def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = SHADOWS, pool: int = POOL,
          pool_seed: int = 0, ckpt_dir: str | Path, data_dir: str = "./data", device: str = "auto",
-         bootstrap: int = BOOTSTRAP, seed: int = 0) -> dict:
-    """Train (or resume) the shadow population and score every method, the original (ceiling) and Retrain against
-    itself (floor). Returns {rows, roc, ...} (roc: per model its ROC curve's points, for the plot)."""
+         bootstrap: int = BOOTSTRAP, seed: int = 0, executor=None) -> dict:
+    """Train (or resume) the shadow population (on executor, a reproduce.Executor; default serial) and score every
+    method, the original (ceiling) and Retrain against itself (floor). Returns {rows, roc, ...} (roc: per model its
+    ROC curve's points, for the plot)."""
     import reproduce
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     runs, models = shadow_runs(pretrain, methods, shadows=shadows, pool=pool, pool_seed=pool_seed,
                                ckpt_dir=ckpt_dir)
-    for i, run in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {run['out'].name}: {reproduce.execute(run, data_dir, device)}", flush=True)
+    reproduce.run_graph(runs, executor or reproduce.Executor(), data_dir=data_dir, device=device,
+                        log_dir=ckpt_dir / "logs")
     device = common.pick_device(device)
     # The pool as the un-halved split draws it; a shadow's members are the pool images its own forget set holds.
     spec = dict(common.read_sidecar(models["retrain"][0])["data"], shadow=None)

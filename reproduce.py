@@ -12,13 +12,20 @@ interrupted sweep resumes. Writes <out-root>/<profile>/results.csv (one row per 
 table.md (mean +/- std per forget kind and method, Retrain first, directions stated) and PNG plots.
 """
 import argparse
+import concurrent.futures
 import csv
+import functools
+import hashlib
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -290,45 +297,224 @@ PLUMBING_OPTIONS = ("--out", "--data-dir", "--device")  # flags (and their value
 PLUMBING_FLAGS = ("--overwrite",)
 
 
-def execute(run: dict, data_dir: str, device: str, overwrite: bool = False) -> str:
-    """Run one script unless its own finished checkpoint exists; returns what happened.
+def inputs_of(run: dict) -> list[Path]:
+    """The files a run reads: the Paths in its command (checkpoints that other runs of the sweep may write)."""
+    return [arg for arg in run["cmd"] if isinstance(arg, Path)]
 
-    A checkpoint made with other flags, an unreadable one, or the leftovers of a killed run are redone."""
-    redo = ""
-    if common.finished(run["out"]) and not overwrite:
-        reason = stale_reason(run)
-        if reason is None:
-            return "skipped (exists)"
-        redo = f" (redone: {reason})"
+
+def redo_reason(run: dict, overwrite: bool) -> str | None:
+    """None when the run's own result exists; else why it runs: "" the first time, " (redone: ...)" when a
+    checkpoint there was made with other flags or is unreadable. An evaluation's JSON is its own result while it
+    is newer than every checkpoint it read (its file name carries a digest of its command)."""
+    out = run["out"]
+    if overwrite:
+        return ""
+    if run["kind"] == "evaluation":
+        inputs = [p for path in inputs_of(run) for p in (path, common.sidecar_path(path))]
+        fresh = out.is_file() and all(p.exists() and p.stat().st_mtime <= out.stat().st_mtime for p in inputs)
+        return None if fresh else ""
+    if not common.finished(out):
+        return ""
+    reason = stale_reason(run)
+    return None if reason is None else f" (redone: {reason})"
+
+
+@dataclass
+class Executor:
+    """Where a sweep's runs execute. serial: one after another in this process tree. local: `workers` at a time on
+    this machine, each pinned to its own GPU (round robin over the visible ones) or to `threads` CPU threads.
+    slurm: one submitit job per run (partition, time, GPUs, CPUs, at most `parallelism` in flight); submitit-local:
+    the same jobs as local processes (slurm's code path without a cluster). Every executor runs the same commands,
+    so a sweep's results do not depend on it, given the same CPU threads per run (a different thread count
+    changes the order of float reductions, and with it the trained weights' last digits and what follows)."""
+    kind: str = "serial"
+    workers: int = 1
+    threads: int | None = None  # CPU threads per run (OMP_NUM_THREADS); None: the scripts' default (all cores)
+    partition: str | None = None
+    time_min: int = 600
+    gpus: int = 1
+    cpus: int = 8
+    parallelism: int = 64
+
+
+EXECUTORS = ("serial", "local", "slurm", "submitit-local")
+
+
+def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None, **slurm) -> Executor:
+    """An Executor with its defaults resolved: local workers = the GPU count (1 without CUDA), and each run's
+    share of the CPU threads."""
+    if kind not in EXECUTORS:
+        raise common.UserError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    if kind != "local":
+        if workers:
+            raise common.UserError(f"--workers is for --executor local (slurm: --slurm-parallelism), not {kind}")
+        return Executor(kind, 1, threads, **slurm)
+    import torch
+    workers = workers or max(torch.cuda.device_count(), 1)
+    return Executor(kind, workers, threads or max(len(os.sched_getaffinity(0)) // workers, 1), **slurm)
+
+
+def _script_argv(run: dict, data_dir: str, device: str) -> list[str]:
     script, *args = map(str, run["cmd"])
     if not Path(script).exists():
-        raise common.UserError(f"method script {script} does not exist in this checkout")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, *args, "--data-dir", data_dir, "--device", device,
-                           "--out", str(run["out"]), "--overwrite"], capture_output=True, text=True)
+        raise common.UserError(f"script {script} does not exist in this checkout")
+    output_flag = "--json" if run["kind"] == "evaluation" else "--out"
+    return [sys.executable, script, *args, "--data-dir", data_dir, "--device", device, output_flag, str(run["out"]),
+            "--overwrite"]
+
+
+def _run_process(argv: list[str], env: dict, log: Path) -> None:
+    """One run as a subprocess of this one, its output in log; a failure raises its last line of stderr."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, text=True)
     if proc.returncode:
-        raise common.UserError(f"{script} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return f"done in {time.perf_counter() - start:.0f}s{redo}"
+        raise common.UserError(f"{_script_error(log.read_text())} (log: {log})")
 
 
-def evaluate_grid(groups: list[dict], data_dir: str, device: str, mia_draws: int,
-                  split: str = "test") -> list[dict]:
-    """One evaluate_checkpoints call per group; the references' rows are kept once per (arch, forget, seed)."""
-    import evaluate
+def _script_error(text: str) -> str:
+    """The one-line error a script printed, out of a job's whole report (else its last line)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()] or ["?"]
+    errors = [line[line.index("error: "):] for line in lines if "error: " in line]
+    return (errors or lines)[-1]
+
+
+def _slot_envs(executor: Executor, device: str) -> list[dict]:
+    """Per local worker slot, the environment that pins its runs to one GPU or to its share of CPU threads."""
+    envs = [dict(os.environ) for _ in range(executor.workers)]
+    if executor.threads:
+        for env in envs:
+            env.update(OMP_NUM_THREADS=str(executor.threads), MKL_NUM_THREADS=str(executor.threads))
+    import torch
+    if executor.kind == "local" and device != "cpu" and torch.cuda.is_available():
+        if ":" in device:
+            raise common.UserError(f"--executor local pins each run to one GPU: use --device auto or cuda, "
+                                   f"not {device}")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+        gpus = visible.split(",")
+        for slot, env in enumerate(envs):
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    return envs
+
+
+def _submitit_executor(executor: Executor, log_dir: Path):
+    """submitit's SlurmExecutor (or LocalExecutor for submitit-local) with the executor's job resources."""
+    try:
+        import submitit
+    except ImportError:
+        raise common.UserError("--executor slurm needs submitit: pip install submitit") from None
+    cpus = executor.threads or executor.cpus
+    if executor.kind == "submitit-local":
+        pool = submitit.LocalExecutor(folder=log_dir / "%j")
+        pool.update_parameters(timeout_min=executor.time_min)
+        return pool
+    if not shutil.which("sbatch"):
+        raise common.UserError("--executor slurm: no sbatch on this machine (run it on the cluster's login node)")
+    pool = submitit.SlurmExecutor(folder=log_dir / "%j")
+    pool.update_parameters(job_name="unlearn", partition=executor.partition, time=executor.time_min, nodes=1,
+                           ntasks_per_node=1, cpus_per_task=cpus, gpus_per_node=executor.gpus or None)
+    return pool
+
+
+def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: str, log_dir: Path,
+              overwrite: bool = False, may_fail: Callable[[dict], bool] = lambda run: False) -> set[Path]:
+    """Execute the runs, each once the runs that write its inputs have finished; a run whose own result exists is
+    skipped (redo_reason), so an interrupted sweep resumes with any executor. A failed run's dependants do not
+    start; everything else still runs. Returns the outputs of the failed runs for which may_fail(run) holds (tuning
+    candidates: dropped); any other failure raises once nothing more can run, naming the logs."""
+    by_out = {run["out"]: run for run in runs}
+    runs = list(by_out.values())
+    needs = {run["out"]: [p for p in inputs_of(run) if p in by_out] for run in runs}
+    done, failed, errors, pending = set(), set(), [], []
+    start, counter = time.perf_counter(), iter(range(1, len(runs) + 1))
+
+    def report(run, status):
+        print(f"[{next(counter)}/{len(runs)}] {run['out'].name}: {status} "
+              f"({time.perf_counter() - start:.0f}s total)", flush=True)
+
+    for run in runs:
+        reason = redo_reason(run, overwrite)
+        if reason is None:
+            done.add(run["out"])
+            report(run, "skipped (exists)")
+        else:
+            pending.append((run, reason))
+    if executor.kind in ("serial", "local"):
+        capacity, envs = executor.workers, _slot_envs(executor, device)
+        pool = concurrent.futures.ThreadPoolExecutor(capacity)
+    else:
+        capacity, cluster = executor.parallelism, _submitit_executor(executor, log_dir / "submitit")
+    free_slots, running = list(range(capacity)), {}
+    while pending or running:
+        for run, reason in list(pending):
+            if any(p in failed for p in needs[run["out"]]):
+                pending.remove((run, reason))
+                failed.add(run["out"])
+                report(run, "not run (an input failed)")
+            elif free_slots and all(p in done for p in needs[run["out"]]):
+                pending.remove((run, reason))
+                slot = free_slots.pop(0)
+                run["out"].parent.mkdir(parents=True, exist_ok=True)
+                argv = _script_argv(run, data_dir, device)
+                if executor.kind in ("serial", "local"):
+                    handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
+                else:
+                    import submitit
+                    threads = executor.threads or executor.cpus
+                    handle = cluster.submit(submitit.helpers.CommandFunction(
+                        ["env", f"OMP_NUM_THREADS={threads}", *argv], cwd=os.getcwd(), verbose=True))
+                running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
+        if not running:
+            continue
+        time.sleep(0.2 if executor.kind in ("serial", "local") else 2.0)
+        for out, (run, reason, slot, handle, began) in list(running.items()):
+            if not handle.done():
+                continue
+            del running[out]
+            free_slots.append(slot)
+            try:
+                handle.result()
+            except Exception as err:  # a script's failure, reported with its log; the sweep goes on without it
+                failed.add(out)
+                message = str(err) if executor.kind in ("serial", "local") else \
+                    f"{_script_error(str(err))} (log: {handle.paths.stderr})"
+                if not may_fail(run):
+                    errors.append(f"{out.name}: {message}")
+                report(run, f"FAILED: {message}")
+                continue
+            done.add(out)
+            report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
+    if executor.kind in ("serial", "local"):
+        pool.shutdown()
+    if errors:
+        raise common.UserError(f"{len(errors)} run(s) failed, first {errors[0]}; the finished runs are kept: "
+                               "run the same command again to redo the others")
+    return {out for out in failed if may_fail(by_out[out])}
+
+
+def evaluation_run(group: dict, out_dir: Path, *, split: str, mia_draws: int) -> dict:
+    """The evaluate.py run of one group (its JSON named by the group and a digest of the command, so a group with
+    other models or references is another file)."""
+    floor = ["--floor", group["floor"]] if group["floor"] else []
+    sparse = ["--sparse-retrain", group["sparse_retrain"]] if group["sparse_retrain"] else []
+    cmd = ["evaluate.py", group["source"], *group["methods"].values(), "--retrain", group["retrain"], *floor,
+           *sparse, "--split", split, "--mia-draws", mia_draws]
+    digest = hashlib.sha1(" ".join(map(str, cmd)).encode()).hexdigest()[:10]
+    name = f"{group['arch']}_{group['forget']}_s{group['seed']}_{group['variant']}_{split}_{digest}.json"
+    return dict(kind="evaluation", out=out_dir / "evaluations" / name, cmd=cmd)
+
+
+def evaluation_rows(groups: list[dict], evaluations: list[dict]) -> list[dict]:
+    """The rows of each group's evaluation, labelled; the references' rows kept once per (arch, forget, seed)."""
     rows, seen = [], set()
-    for group in groups:
+    for group, evaluation in zip(groups, evaluations):
         variant = "" if group["variant"] == "dense" else f"@{group['variant']}"
-        floor = (str(group["floor"]),) if group["floor"] else ()
-        labels = {str(group["retrain"]): "retrain", **{f: "retrain-floor" for f in floor},
+        labels = {str(group["retrain"]): "retrain", str(group["floor"]): "retrain-floor",
                   str(group["source"]): f"original{variant}",
                   **{str(out): label for label, out in group["methods"].items()}}
         if group["sparse_retrain"]:
             labels[str(group["sparse_retrain"])] = f"retrain-sparse{variant or '-pruned'}"
-        paths = [str(group["source"])] + [str(p) for p in group["methods"].values()]
-        for row in evaluate.evaluate_checkpoints(
-                paths, str(group["retrain"]), floor=floor,
-                sparse_retrain=str(group["sparse_retrain"]) if group["sparse_retrain"] else None,
-                data_dir=data_dir, device=device, split=split, mia_draws=mia_draws):
+        for row in json.loads(evaluation["out"].read_text())["rows"]:
             key = (group["arch"], group["forget"], group["seed"], row["path"])
             if key not in seen:
                 seen.add(key)
@@ -462,8 +648,8 @@ def lira_setup(lira: dict, root: Path) -> tuple[dict, Path]:
                                                        if a not in ("--dataset", "--arch")))
 
 
-def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: str,
-                      dry_run: bool = False) -> list[Path]:
+def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: str, *,
+                      executor: Executor | None = None, dry_run: bool = False) -> list[Path]:
     """probe and relearn on every model of the audited profiles, then U-LiRA; returns the files written."""
     import audit
     import evaluate
@@ -501,7 +687,7 @@ def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: 
         lira = spec["lira"]
         methods, ckpt = lira_setup(lira, root)
         result = audit.lira(lira["pretrain"], methods, shadows=lira["shadows"], pool=lira["pool"], ckpt_dir=ckpt,
-                            data_dir=data_dir, device=device)
+                            data_dir=data_dir, device=device, executor=executor)
         written += [out_dir / "lira.md", out_dir / "lira.json", out_dir / "lira_roc.png"]
         audit.write_lira(result, pretrain=lira["pretrain"], methods=methods, md=written[-3], json_path=written[-2],
                          plot=written[-1])
@@ -629,9 +815,28 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every run of the grid and replace results.csv instead of merging into it")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    g = parser.add_argument_group("executor (where the runs go; the results do not depend on it, given the same "
+                                  "--threads-per-run)")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: one run at a time; local: --workers at once on this machine; slurm: jobs through "
+                        "submitit; submitit-local: those jobs as local processes (default: %(default)s)")
+    g.add_argument("--workers", type=common.positive_int, default=None,
+                   help="local: concurrent runs, each on its own GPU (round robin over the visible ones) or its "
+                        "share of the CPU (default: the GPU count, or 1 without CUDA)")
+    g.add_argument("--threads-per-run", type=common.positive_int, default=None,
+                   help="CPU threads of each run (default: serial all, local cores/workers, slurm --slurm-cpus)")
+    g.add_argument("--slurm-partition", default=None, help="(default: the cluster's)")
+    g.add_argument("--slurm-time", type=common.positive_int, default=600, help="minutes per job (default: %(default)s)")
+    g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1, help="GPUs per job (default: %(default)s)")
+    g.add_argument("--slurm-cpus", type=common.positive_int, default=8, help="CPUs per job (default: %(default)s)")
+    g.add_argument("--slurm-parallelism", type=common.positive_int, default=64,
+                   help="jobs in flight at most (default: %(default)s)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild table.md and the plots from an earlier run's results.csv; runs nothing")
     args = parser.parse_args()
+    executor = make_executor(args.executor, workers=args.workers, threads=args.threads_per_run,
+                             partition=args.slurm_partition, time_min=args.slurm_time, gpus=args.slurm_gpus,
+                             cpus=args.slurm_cpus, parallelism=args.slurm_parallelism)
     if args.compare:
         rows = compare_rows(args.compare.split(","), Path(args.out_root),
                             args.forgets.split(",") if args.forgets else None)
@@ -643,7 +848,7 @@ def main():
     if args.profile in AUDIT_PROFILES:
         start = time.perf_counter()
         written = run_audit_profile(args.profile, AUDIT_PROFILES[args.profile], Path(args.out_root), args.data_dir,
-                                    args.device, args.dry_run)
+                                    args.device, executor=executor, dry_run=args.dry_run)
         if args.dry_run:
             return
         print(f"{args.profile}: {time.perf_counter() - start:.0f}s -> " + ", ".join(map(str, written)))
@@ -673,37 +878,26 @@ def main():
     print(f"{args.profile}: {methods} x {[forget_tag(f) for f in profile['forgets']]} x seeds {seeds}"
           + (f"; tuning {profile['tune']} on the validation split first" if tune_groups else ""))
     out_dir = root / args.profile
+    import evaluate
+    mia_draws = args.mia_draws or evaluate.MIA_DRAWS
     if args.dry_run:
         defaults = {(m, kind_of(g["forget"])): TUNING[m][0] for g in tune_groups for m, _ in g["candidates"].values()}
-        runs, _ = plan(profile, methods, seeds, root / "ckpt", defaults)
+        runs, groups = plan(profile, methods, seeds, root / "ckpt", defaults)
+        runs += [evaluation_run(g, out_dir, split="test", mia_draws=mia_draws) for g in groups]
         if tune_groups:
             print("# tuning runs (then evaluate.py --split val picks each method's setting):")
         for run in tune_runs + ([dict(cmd=["# grid, shown with the first candidates:"], out=None)] if tune_groups
                                 else []) + runs:
-            print(("python " + " ".join(map(str, run["cmd"])) + f" --out {run['out']}") if run["out"]
+            flag = "--json" if run.get("kind") == "evaluation" else "--out"
+            print(("python " + " ".join(map(str, run["cmd"])) + f" {flag} {run['out']}") if run["out"]
                   else run["cmd"][0])
+        print(f"{len(tune_runs) + len(runs)} runs; executor {executor.kind}")
         return
 
     start = time.perf_counter()
-
-    def execute_all(runs, candidates=False) -> set:
-        """Run in order; a failed tuning candidate (e.g. a learning rate that diverges) is dropped, not fatal."""
-        failed = set()
-        for i, run in enumerate(runs, 1):
-            run["out"].parent.mkdir(parents=True, exist_ok=True)
-            try:
-                status = execute(run, args.data_dir, args.device, args.overwrite)
-            except common.UserError as err:
-                if not (candidates and run["kind"] == "method"):
-                    raise
-                failed.add(run["out"])
-                status = f"FAILED, candidate dropped ({err})"
-            print(f"[{i}/{len(runs)}] {run['out'].name}: {status} ({time.perf_counter() - start:.0f}s total)",
-                  flush=True)
-        return failed
-
-    import evaluate
-    mia_draws = args.mia_draws or evaluate.MIA_DRAWS
+    log_dir = out_dir / "logs"
+    run_all = functools.partial(run_graph, executor=executor, data_dir=args.data_dir, device=args.device,
+                                log_dir=log_dir, overwrite=args.overwrite)
     if args.report_only:
         rows = read_rows(out_dir / "results.csv")
     else:
@@ -713,18 +907,21 @@ def main():
         chosen = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         if tune_groups:
-            failed = execute_all(tune_runs, candidates=True)
+            # A failed candidate (e.g. a learning rate that diverges) is dropped, not fatal.
+            failed = run_all(tune_runs, may_fail=lambda run: run["kind"] == "method")
             for group in tune_groups:
                 for label in [label for label, out in group["methods"].items() if out in failed]:
                     del group["methods"][label], group["candidates"][label]
-            tuning_rows = evaluate_grid(tune_groups, args.data_dir, args.device, mia_draws, split="val")
-            chosen, table = select_settings(tuning_rows, tune_groups)
+            evaluations = [evaluation_run(g, out_dir, split="val", mia_draws=mia_draws) for g in tune_groups]
+            run_all(evaluations)
+            chosen, table = select_settings(evaluation_rows(tune_groups, evaluations), tune_groups)
             report = selection_report(table)
             common.atomic_write(out_dir / "selection.md", lambda tmp: tmp.write_text(report))
             print(report)
         runs, groups = plan(profile, methods, seeds, root / "ckpt", chosen)
-        execute_all(runs)
-        rows = evaluate_grid(groups, args.data_dir, args.device, mia_draws)
+        evaluations = [evaluation_run(g, out_dir, split="test", mia_draws=mia_draws) for g in groups]
+        run_all(runs + evaluations)
+        rows = evaluation_rows(groups, evaluations)
         rows = merge_rows(previous, rows)
         common.atomic_write(out_dir / "results.csv", lambda tmp: write_rows(tmp, rows, args.profile))
     common.atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(summary_table(rows)))

@@ -2,20 +2,34 @@
 quick mode."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
+
+
+SMOKE = ["--profile", "smoke", "--mia-draws", "2", "--threads-per-run", "1"]  # one thread: as each local worker
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory, data_dir):
+    """The smoke profile run serially: its out-root, the first call's output and its results.csv rows."""
+    root = tmp_path_factory.mktemp("smoke")
+    first = run_script("reproduce.py", *SMOKE, "--out-root", root, "--data-dir", data_dir)
+    return root, first, list(csv.DictReader(open(root / "smoke" / "results.csv")))
 
 
 @pytest.mark.slow
-def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
-    flags = ["--profile", "smoke", "--out-root", tmp_path, "--data-dir", data_dir, "--mia-draws", "2"]
-    first = run_script("reproduce.py", *flags)
+def test_smoke_profile_end_to_end_and_resume(data_dir, smoke_sweep):
+    tmp_path, first, rows = smoke_sweep
+    flags = [*SMOKE, "--out-root", tmp_path, "--data-dir", data_dir]
     out = tmp_path / "smoke"
     for name in ("results.csv", "table.md", "ua_vs_ra.png", "cost.png"):
         assert (out / name).stat().st_size > 0, name
-    rows = list(csv.DictReader(open(out / "results.csv")))
     # Three Retrain seeds (the floor), and the OMP model's rows scored against the Retrain with its mask.
     assert [r["label"] for r in rows] == ["retrain", "retrain-floor", "original", "finetune", "loraprune",
                                           "retrain-sparse@omp50", "original@omp50", "finetune@omp50",
@@ -26,10 +40,11 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     table = (out / "table.md").read_text()
     assert "| retrain |" in table and "| loraprune |" in table and "higher = more forgotten" in table
     assert "Retrain-vs-Retrain floor" in table and "| retrain-floor |" in table
-    assert first.stdout.count("done in") == 10
+    assert first.stdout.count("done in") == 12  # 10 trainings, 2 evaluations (one per starting model)
+    assert len(list((out / "evaluations").glob("*.json"))) == 2
 
     again = run_script("reproduce.py", *flags)
-    assert again.stdout.count("skipped (exists)") == 10 and "done in" not in again.stdout
+    assert again.stdout.count("skipped (exists)") == 12 and "done in" not in again.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
 
     # A checkpoint made with other flags is redone; a narrower rerun keeps the other methods' rows.
@@ -39,7 +54,8 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     meta["argv"] = [*meta["argv"], "--lr", "0.5"]
     side.write_text(json.dumps(meta))
     narrower = run_script("reproduce.py", *flags, "--methods", "finetune")
-    assert narrower.stdout.count("redone: made with other flags") == 1 and narrower.stdout.count("done in") == 1
+    assert narrower.stdout.count("redone: made with other flags") == 1
+    assert narrower.stdout.count("done in") == 3  # finetune, and the two groups without loraprune: other files
     merged = list(csv.DictReader(open(out / "results.csv")))
     assert [r["label"] for r in merged] == [r["label"] for r in rows]  # loraprune's rows kept, in place
     assert [(r["UA"], r["RA"], r["TA"]) for r in merged] == [(r["UA"], r["RA"], r["TA"]) for r in rows]  # same run
@@ -47,7 +63,8 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     # The leftovers of a run killed between its weights and its sidecar are redone, not a blocker.
     (ckpt / "class3_loraprune_s0.json").unlink()
     resumed = run_script("reproduce.py", *flags)
-    assert resumed.stdout.count("done in") == 1 and resumed.stdout.count("skipped (exists)") == 9
+    # loraprune, and the dense group's evaluation (older than loraprune's and finetune's new checkpoints)
+    assert resumed.stdout.count("done in") == 2 and resumed.stdout.count("skipped (exists)") == 10
 
     # --report-only checks results.csv: a truncated or foreign file is refused with one line.
     text = (out / "results.csv").read_text()
@@ -73,6 +90,44 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, tmp_path):
     relearn = json.loads((tmp_path / "smoke-audit" / "relearn.json").read_text())
     assert all(len(r["curve"]) == 21 for r in relearn) and relearn[2]["steps_to_threshold"] == 0  # the original
     assert (tmp_path / "smoke-audit" / "relearn_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_every_executor_gives_the_serial_results_and_resumes_an_interrupted_sweep(data_dir, smoke_sweep, tmp_path):
+    """local --workers 2 killed after two runs, restarted through submitit's local executor with one run that
+    fails, then finished serially: the finished runs are not redone, and results.csv is the serial sweep's."""
+    flags = [*SMOKE, "--out-root", tmp_path, "--data-dir", data_dir]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    local = subprocess.Popen([sys.executable, "reproduce.py", *map(str, flags), "--executor", "local", "--workers",
+                              "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    finished = []
+    for line in local.stdout:
+        if "done in" in line:
+            finished.append(line.split()[1].rstrip(":"))
+            if len(finished) == 2:
+                os.killpg(local.pid, signal.SIGKILL)  # the whole tree, mid-run: as a crash or scancel would
+                break
+    local.wait()
+    assert len(finished) == 2
+
+    ckpt = next((tmp_path / "ckpt").iterdir())
+    blocker = ckpt / "class3_loraprune_omp50_s0.safetensors"  # a folder where its output goes: it fails
+    blocker.mkdir()
+    failing = run_script("reproduce.py", *flags, "--executor", "submitit-local", check=False)
+    assert failing.returncode == 2 and failing.stderr.startswith("error: 1 run(s) failed, first " + blocker.name)
+    assert "exists and is not a regular file" in failing.stderr and len(failing.stderr.strip().splitlines()) == 1
+    assert failing.stdout.count("skipped (exists)") == 2 and failing.stdout.count("done in") == 8
+    assert "not run (an input failed)" in failing.stdout  # the OMP group's evaluation waits for it
+    assert all(f"{name}: skipped (exists)" in failing.stdout for name in finished)
+
+    blocker.rmdir()
+    last = run_script("reproduce.py", *flags)
+    assert last.stdout.count("done in") == 2 and last.stdout.count("skipped (exists)") == 10
+
+    def without_costs(rows):  # paths differ by out-root; wall time and memory by the machine's load
+        return [{k: v for k, v in r.items() if k not in ("path", "wall_time_s", "peak_mem_mb")} for r in rows]
+    _, _, serial = smoke_sweep
+    assert without_costs(csv.DictReader(open(tmp_path / "smoke" / "results.csv"))) == without_costs(serial)
 
 
 @pytest.mark.slow
