@@ -291,12 +291,20 @@ def normalize(x: torch.Tensor, info: DatasetInfo, input_size: int | None = None)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-            gen: torch.Generator | None = None, drop_last: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Index-slice batches of (uint8 images, labels) from tensors already on the device."""
+            gen: torch.Generator | None = None, drop_last: bool = False, shard: tuple[int, int] = (0, 1),
+            seen: torch.Tensor | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Index-slice batches of (uint8 images, labels) from tensors already on the device.
+
+    shard=(rank, world size): this process's rank::world part of every batch, for data-parallel training; the
+    processes draw the same order from identically seeded generators, so each example of an epoch goes to exactly
+    one of them and the world's batch is the single-process batch. seen, if given, counts the indices yielded."""
+    rank, world = shard
     order = torch.randperm(len(x), device=x.device, generator=gen) if shuffle else torch.arange(len(x), device=x.device)
     stop = len(x) - batch_size + 1 if drop_last else len(x)
     for start in range(0, max(stop, 0), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start:start + batch_size][rank::world]
+        if seen is not None:
+            seen.index_add_(0, idx, torch.ones_like(idx))
         yield x[idx], y[idx]
 
 
@@ -612,6 +620,24 @@ def device_and_generator(name: str, *, seed: int) -> tuple[torch.device, torch.G
     seed_everything(seed)
     device = pick_device(name)
     return device, torch.Generator(device=device).manual_seed(seed)
+
+
+def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) this process joins its process group: NCCL and
+    the GPU of its local rank on CUDA, gloo on CPU; every process but 0 prints nothing (one report). Otherwise it
+    is alone: (the picked device, 0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return device, 0, 1
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")
+    return device, dist.get_rank(), world
 
 
 def pick_device(name: str) -> torch.device:

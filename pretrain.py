@@ -5,10 +5,13 @@ close it gets to it. Recipes per architecture are the papers' (cited at RECIPES)
 
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3 --retrain --forget-class 3
+    torchrun --standalone --nproc-per-node 8 pretrain.py --dataset cifar10 --arch resnet50   # data-parallel
 
 prints the resolved config, one JSON line per epoch (loss, validation accuracy), then a summary line
 with validation and test accuracy and the checkpoint path. Nothing is selected on the test set: the
-final epoch's weights are saved, and the test accuracy is printed for the report only.
+final epoch's weights are saved, and the test accuracy is printed for the report only. Under torchrun the
+processes split every batch (same global batch and schedule; per-process BatchNorm statistics, as in
+torchvision's and timm's DDP recipes) and process 0 writes the usual checkpoint.
 """
 import argparse
 
@@ -94,11 +97,13 @@ def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
 
 
 def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch: int = 0,
-                 stop_epoch: int | None = None):
+                 stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
     """Train with the recipe in args on the training split (or Dr with args.retrain), validating each epoch.
 
     Runs epochs start_epoch..stop_epoch-1 of the full run's schedule (default: all of them); prune.py
-    replays the run up to its rewind epoch (stop_epoch) and retrains from there (start_epoch)."""
+    replays the run up to its rewind epoch (stop_epoch) and retrains from there (start_epoch). shard=(rank, world
+    size) under torchrun: DistributedDataParallel, each process on its part of every batch (common.batches), and
+    each epoch's history says how many examples the world saw exactly once (all of them, bar drop_last's rest)."""
     info, input_size = data.info, common.ARCHS[args.arch].input_size
     x_fit, y_fit = data.subset("retain" if args.retrain else "train")
     # Retrain never sees the forgotten class, so it is validated on the retained classes only.
@@ -113,27 +118,46 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
     scheduler = common.make_scheduler(args.schedule, optimizer, args.epochs * steps_per_epoch, args.warmup_steps,
                                       start_step=start_epoch * steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    rank, world = shard
+    trained, augment_gen, seen = model, gen, None
+    if args.batch_size % world:
+        raise common.UserError(f"--batch-size {args.batch_size} must split evenly over {world} processes")
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)
+        # The batch order must be the same in every process; the augmentation must not (else the processes'
+        # images of one step would share their crops and flips).
+        augment_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * (rank + 1))
+        seen = torch.zeros(len(x_fit), dtype=torch.long, device=device)
 
     mixup = make_mixup(args.mixup, info.num_classes, args.label_smoothing) if args.mixup else None
 
     def loss_fn(model, batch):
         x, y = batch
         if args.augment:
-            x = common.augment(x, info, gen)
+            x = common.augment(x, info, augment_gen)
         x = common.normalize(x, info, input_size)
         if mixup is not None:
             x, soft = mixup(x, y)
             return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
         return F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
 
-    def validate(epoch):
-        return dict(val_acc=round(common.accuracy(common.predict(model, x_val, info, input_size), y_val), 3))
+    def after_epoch(epoch):
+        record = {}
+        if len(y_val) and rank == 0:
+            record["val_acc"] = round(common.accuracy(common.predict(model, x_val, info, input_size), y_val), 3)
+        if seen is not None:
+            torch.distributed.all_reduce(seen)
+            record.update(seen_once=int((seen == 1).sum()), seen_twice_or_more=int((seen > 1).sum()))
+            seen.zero_()
+        return record
 
     return common.train_loop(
-        model, optimizer, (stop_epoch or args.epochs) - start_epoch,
-        lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True),
-        loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip,
-        after_epoch=validate if len(y_val) else None, desc=desc, compile_model=args.compile)
+        trained, optimizer, (stop_epoch or args.epochs) - start_epoch,
+        lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True,
+                                     shard=shard, seen=seen),
+        loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip, after_epoch=after_epoch, desc=desc,
+        compile_model=args.compile)
 
 
 def mask_of(path: str, arch: str, data: common.Data) -> dict:
@@ -162,9 +186,10 @@ def test_accuracy(model, args, data: common.Data) -> float:
 
 def main():
     args = parse_args()
+    # Under torchrun --nproc-per-node N: N data-parallel processes; process 0 reports and writes the checkpoint.
+    device, rank, world = common.init_distributed(args.device)
     common.print_config("pretrain", vars(args))
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
     # Retrain: the training split without this run's forget set; the original: the whole training split.
     forget = dict(forget_class=args.forget_class, forget_random=args.forget_random,
                   forget_seed=args.forget_seed) if args.retrain else {}
@@ -174,20 +199,25 @@ def main():
     method = "retrain" if args.retrain else "original"
     name = "retrain-sparse" if args.mask_from else method
     out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=args.arch, method=name, seed=args.seed,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite) if rank == 0 else None
 
     model = common.build_model(args.arch, data.info, args.pretrained_weights)
     if args.mask_from:
         common.apply_masks(model, mask_of(args.mask_from, args.arch, data))
     model = common.prepare_model(model, device)
-    result = train_recipe(model, args, data, device, method)
+    result = train_recipe(model, args, data, device, method, shard=(rank, world))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank:
+        return  # process 0 reports and saves
 
     test_acc = test_accuracy(model, args, data)
     val_acc = result.history[-1].get("val_acc", float("nan"))
     train_acc = fit_accuracy(model, args, data)
     common.save_checkpoint(model, out, arch=args.arch, method=method, data=data, config=vars(args), result=result,
                            trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
-                           extra=dict(train_acc=round(train_acc, 3), val_acc=val_acc, test_acc=round(test_acc, 3)))
+                           extra=dict(train_acc=round(train_acc, 3), val_acc=val_acc, test_acc=round(test_acc, 3),
+                                      world_size=world))
     scope = "retained-class " if args.retrain and data.forget_class is not None else ""
     n_fit = len(data.retain if args.retrain else data.train)
     mask = f", sparsity {common.sparsity(model, common.ARCHS[args.arch].family):.4f} (mask of {args.mask_from})" \

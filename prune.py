@@ -10,7 +10,8 @@ the mask held for the rest of that run's schedule (epochs rewind..end, learning 
 The rewind point is not stored by pretrain.py: this script replays the dense run (same seed, same
 initialisation, same batch order and schedule) up to --rewind-epoch and prints the replayed epoch's
 validation accuracy next to the one the dense run logged, so a mismatch (e.g. a non-deterministic GPU
-kernel) is visible. On CPU the replay is exact.
+kernel) is visible. On CPU the replay is exact. Under torchrun (data-parallel) the replay is exact only when the
+dense run had as many processes.
 
     python prune.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --sparsity 0.5
 
@@ -19,6 +20,8 @@ accuracy and the path (default name: ..._full_omp_s0.safetensors, or _imp_ with 
 sidecar says method "omp" or "imp"; every unlearning script takes it as --model and keeps its mask.
 """
 import argparse
+
+import torch
 
 import common
 import pretrain
@@ -62,8 +65,8 @@ def main():
     if args.rounds < 0:
         raise common.UserError(f"--rounds must be >= 0, got {args.rounds}")
 
+    device, rank, world = common.init_distributed(args.device)  # torchrun: data-parallel replay and retraining
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
     dense, meta = common.load_checkpoint(args.model, device)
     if meta["method"] != "original" or meta.get("pruned_modules"):
         raise common.UserError(f"{args.model} is not a dense original model (method {meta['method']}); "
@@ -79,7 +82,7 @@ def main():
     data = common.data_from_spec(meta["data"], args.data_dir, device)
     method = "imp" if args.rounds else "omp"
     out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=recipe.arch, method=method,
-                              seed=args.seed, overwrite=args.overwrite)
+                              seed=args.seed, overwrite=args.overwrite) if rank == 0 else None
     common.print_config(method, dict(vars(args), recipe=vars(recipe)))
     family = common.ARCHS[recipe.arch].family
 
@@ -87,7 +90,8 @@ def main():
     common.seed_everything(recipe.seed)
     rewound = common.prepare_model(common.build_model(recipe.arch, data.info), device)
     if args.rewind_epoch:
-        replay = pretrain.train_recipe(rewound, recipe, data, device, "rewind", stop_epoch=args.rewind_epoch)
+        replay = pretrain.train_recipe(rewound, recipe, data, device, "rewind", stop_epoch=args.rewind_epoch,
+                                       shard=(rank, world))
         logged = meta["history"][args.rewind_epoch - 1].get("val_acc", float("nan"))
         print(f"rewind point: epoch {args.rewind_epoch} replayed, val acc "
               f"{replay.history[-1].get('val_acc', float('nan')):.3f}% (the dense run logged {logged:.3f}%)")
@@ -98,7 +102,11 @@ def main():
         common.global_magnitude_prune(model, family, args.imp_rate if args.rounds else args.sparsity)
         rewind(model, rewind_state)
         results.append(pretrain.train_recipe(model, recipe, data, device, f"{method} round {round_index + 1}",
-                                             start_epoch=args.rewind_epoch))
+                                             start_epoch=args.rewind_epoch, shard=(rank, world)))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank:
+        return  # process 0 reports and saves
 
     result = common.TrainResult(sum(r.wall_time_s for r in results), max(r.peak_mem_mb for r in results),
                                 [h for r in results for h in r.history], results[0].trainable_params)

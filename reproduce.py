@@ -5,13 +5,18 @@ the Retrain of the same forget set and seed, and report mean +/- std with plots.
     python reproduce.py --profile paper-cifar10 --dry-run
     python reproduce.py --profile cpu-fashion --report-only   # table.md and plots again from results.csv
     python reproduce.py --compare cpu-fashion,cpu-fashion-sparse   # finished profiles in one table (compare.md)
+    python reproduce.py --profile cpu-fashion --executor local --workers 4    # 4 runs at a time (GPUs or cores)
+    python reproduce.py --profile paper-cifar10 --executor slurm --slurm-partition gpu   # jobs through submitit
 
-Each run is one of the project's scripts in a subprocess. Checkpoints go to <out-root>/ckpt/ (shared by the
-profiles, so the same original or Retrain is trained once); a run whose checkpoint exists is skipped, so an
-interrupted sweep resumes. Writes <out-root>/<profile>/results.csv (one row per model and run),
-table.md (mean +/- std per forget kind and method, Retrain first, directions stated) and PNG plots.
+Each run is one of the project's scripts in a subprocess (or a SLURM job); a run starts once the runs that
+write its inputs have finished. Checkpoints go to <out-root>/ckpt/ (shared by the profiles, so the same original
+or Retrain is trained once); a run whose checkpoint exists is skipped, so an interrupted sweep resumes, with any
+executor. Each group's evaluate.py JSON goes to <profile>/evaluations/, each run's log to <profile>/logs/. Writes
+<out-root>/<profile>/results.csv (one row per model and run), table.md (mean +/- std per forget kind and method,
+Retrain first, directions stated) and PNG plots.
 """
 import argparse
+import collections
 import concurrent.futures
 import csv
 import functools
@@ -326,7 +331,9 @@ class Executor:
     slurm: one submitit job per run (partition, time, GPUs, CPUs, at most `parallelism` in flight); submitit-local:
     the same jobs as local processes (slurm's code path without a cluster). Every executor runs the same commands,
     so a sweep's results do not depend on it, given the same CPU threads per run (a different thread count
-    changes the order of float reductions, and with it the trained weights' last digits and what follows)."""
+    changes the order of float reductions, and with it the trained weights' last digits and what follows).
+    ddp > 1 runs pretrain.py and prune.py data-parallel under torchrun on that many GPUs (a slurm job asks for
+    them; a local worker owns that many): faster Retrains, but per-GPU BatchNorm statistics change the results."""
     kind: str = "serial"
     workers: int = 1
     threads: int | None = None  # CPU threads per run (OMP_NUM_THREADS); None: the scripts' default (all cores)
@@ -335,31 +342,44 @@ class Executor:
     gpus: int = 1
     cpus: int = 8
     parallelism: int = 64
+    ddp: int = 1  # processes (GPUs) of each run that trains a network from scratch, under torchrun
 
 
 EXECUTORS = ("serial", "local", "slurm", "submitit-local")
 
 
-def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None, **slurm) -> Executor:
-    """An Executor with its defaults resolved: local workers = the GPU count (1 without CUDA), and each run's
-    share of the CPU threads."""
+def make_executor(kind: str, *, workers: int | None = None, threads: int | None = None, ddp: int = 1,
+                  **slurm) -> Executor:
+    """An Executor with its defaults resolved: local workers = the GPU count / ddp (1 without CUDA), and each
+    run's share of the CPU threads."""
     if kind not in EXECUTORS:
         raise common.UserError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
     if kind != "local":
         if workers:
             raise common.UserError(f"--workers is for --executor local (slurm: --slurm-parallelism), not {kind}")
-        return Executor(kind, 1, threads, **slurm)
+        return Executor(kind, 1, threads, ddp=ddp, **slurm)
     import torch
-    workers = workers or max(torch.cuda.device_count(), 1)
-    return Executor(kind, workers, threads or max(len(os.sched_getaffinity(0)) // workers, 1), **slurm)
+    workers = workers or max(torch.cuda.device_count() // ddp, 1)
+    return Executor(kind, workers, threads or max(len(os.sched_getaffinity(0)) // workers, 1), ddp=ddp, **slurm)
 
 
-def _script_argv(run: dict, data_dir: str, device: str) -> list[str]:
+DATA_PARALLEL_SCRIPTS = ("pretrain.py", "prune.py")  # whole training runs: torchrun-aware
+
+
+def _processes(run: dict, executor: Executor) -> int:
+    return executor.ddp if run["cmd"][0] in DATA_PARALLEL_SCRIPTS else 1
+
+
+def script_argv(run: dict, executor: Executor, *, data_dir: str, device: str) -> list[str]:
+    """The command line of one run as the executor starts it."""
     script, *args = map(str, run["cmd"])
     if not Path(script).exists():
         raise common.UserError(f"script {script} does not exist in this checkout")
+    processes = _processes(run, executor)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(processes)] if processes > 1 else [sys.executable]
     output_flag = "--json" if run["kind"] == "evaluation" else "--out"
-    return [sys.executable, script, *args, "--data-dir", data_dir, "--device", device, output_flag, str(run["out"]),
+    return [*launcher, script, *args, "--data-dir", data_dir, "--device", device, output_flag, str(run["out"]),
             "--overwrite"]
 
 
@@ -380,7 +400,8 @@ def _script_error(text: str) -> str:
 
 
 def _slot_envs(executor: Executor, device: str) -> list[dict]:
-    """Per local worker slot, the environment that pins its runs to one GPU or to its share of CPU threads."""
+    """Per local worker slot, the environment that pins its runs to its GPUs (executor.ddp of them, round robin
+    over the visible ones) or to its share of CPU threads."""
     envs = [dict(os.environ) for _ in range(executor.workers)]
     if executor.threads:
         for env in envs:
@@ -393,12 +414,13 @@ def _slot_envs(executor: Executor, device: str) -> list[dict]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
         gpus = visible.split(",")
         for slot, env in enumerate(envs):
-            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+            mine = range(slot * executor.ddp, (slot + 1) * executor.ddp)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i % len(gpus)] for i in mine)
     return envs
 
 
-def _submitit_executor(executor: Executor, log_dir: Path):
-    """submitit's SlurmExecutor (or LocalExecutor for submitit-local) with the executor's job resources."""
+def _submitit_executor(executor: Executor, log_dir: Path, gpus: int):
+    """submitit's SlurmExecutor (or LocalExecutor for submitit-local) for jobs of `gpus` GPUs."""
     try:
         import submitit
     except ImportError:
@@ -412,7 +434,7 @@ def _submitit_executor(executor: Executor, log_dir: Path):
         raise common.UserError("--executor slurm: no sbatch on this machine (run it on the cluster's login node)")
     pool = submitit.SlurmExecutor(folder=log_dir / "%j")
     pool.update_parameters(job_name="unlearn", partition=executor.partition, time=executor.time_min, nodes=1,
-                           ntasks_per_node=1, cpus_per_task=cpus, gpus_per_node=executor.gpus or None)
+                           ntasks_per_node=1, cpus_per_task=cpus, gpus_per_node=gpus or None)
     return pool
 
 
@@ -443,7 +465,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
         capacity, envs = executor.workers, _slot_envs(executor, device)
         pool = concurrent.futures.ThreadPoolExecutor(capacity)
     else:
-        capacity, cluster = executor.parallelism, _submitit_executor(executor, log_dir / "submitit")
+        capacity, clusters = executor.parallelism, {}
     free_slots, running = list(range(capacity)), {}
     while pending or running:
         for run, reason in list(pending):
@@ -455,13 +477,16 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 pending.remove((run, reason))
                 slot = free_slots.pop(0)
                 run["out"].parent.mkdir(parents=True, exist_ok=True)
-                argv = _script_argv(run, data_dir, device)
+                argv = script_argv(run, executor, data_dir=data_dir, device=device)
                 if executor.kind in ("serial", "local"):
                     handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
                 else:
+                    gpus = executor.ddp if _processes(run, executor) > 1 else executor.gpus
+                    if gpus not in clusters:
+                        clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
                     import submitit
-                    threads = executor.threads or executor.cpus
-                    handle = cluster.submit(submitit.helpers.CommandFunction(
+                    threads = executor.threads or executor.cpus  # set in the job: the login node's env stays there
+                    handle = clusters[gpus].submit(submitit.helpers.CommandFunction(
                         ["env", f"OMP_NUM_THREADS={threads}", *argv], cwd=os.getcwd(), verbose=True))
                 running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
         if not running:
@@ -825,6 +850,9 @@ def main():
                         "share of the CPU (default: the GPU count, or 1 without CUDA)")
     g.add_argument("--threads-per-run", type=common.positive_int, default=None,
                    help="CPU threads of each run (default: serial all, local cores/workers, slurm --slurm-cpus)")
+    g.add_argument("--ddp", type=common.positive_int, default=1,
+                   help="processes (GPUs) per training-from-scratch run (pretrain.py, prune.py) under torchrun; "
+                        "changes the results (per-GPU BatchNorm statistics) (default: %(default)s)")
     g.add_argument("--slurm-partition", default=None, help="(default: the cluster's)")
     g.add_argument("--slurm-time", type=common.positive_int, default=600, help="minutes per job (default: %(default)s)")
     g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1, help="GPUs per job (default: %(default)s)")
@@ -836,7 +864,7 @@ def main():
     args = parser.parse_args()
     executor = make_executor(args.executor, workers=args.workers, threads=args.threads_per_run,
                              partition=args.slurm_partition, time_min=args.slurm_time, gpus=args.slurm_gpus,
-                             cpus=args.slurm_cpus, parallelism=args.slurm_parallelism)
+                             cpus=args.slurm_cpus, parallelism=args.slurm_parallelism, ddp=args.ddp)
     if args.compare:
         rows = compare_rows(args.compare.split(","), Path(args.out_root),
                             args.forgets.split(",") if args.forgets else None)
@@ -884,14 +912,16 @@ def main():
         defaults = {(m, kind_of(g["forget"])): TUNING[m][0] for g in tune_groups for m, _ in g["candidates"].values()}
         runs, groups = plan(profile, methods, seeds, root / "ckpt", defaults)
         runs += [evaluation_run(g, out_dir, split="test", mia_draws=mia_draws) for g in groups]
+        tune_runs = tune_runs if tune_groups else []  # without tuning they are the grid's originals
         if tune_groups:
             print("# tuning runs (then evaluate.py --split val picks each method's setting):")
         for run in tune_runs + ([dict(cmd=["# grid, shown with the first candidates:"], out=None)] if tune_groups
                                 else []) + runs:
-            flag = "--json" if run.get("kind") == "evaluation" else "--out"
-            print(("python " + " ".join(map(str, run["cmd"])) + f" {flag} {run['out']}") if run["out"]
-                  else run["cmd"][0])
-        print(f"{len(tune_runs) + len(runs)} runs; executor {executor.kind}")
+            argv = script_argv(run, executor, data_dir=args.data_dir, device=args.device) if run["out"] else []
+            print(" ".join(["python", *argv[1:]]) if argv else run["cmd"][0])
+        kinds = collections.Counter(run["kind"] for run in {r["out"]: r for r in [*tune_runs, *runs]}.values())
+        print(f"{sum(kinds.values())} runs (" + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+              + f"); executor {executor.kind}")
         return
 
     start = time.perf_counter()
