@@ -222,8 +222,9 @@ def main():
     n_fit = len(data.retain if args.retrain else data.train)
     mask = f", sparsity {common.sparsity(model, common.ARCHS[args.arch].family):.4f} (mask of {args.mask_from})" \
         if args.mask_from else ""
+    processes = f" on {world} processes" if world > 1 else ""
     print(f"{name}: {args.arch} on {n_fit} {data.name} images, {args.epochs} epochs in "
-          f"{result.wall_time_s:.1f}s; train acc {train_acc:.2f}%, {scope}val acc {val_acc:.2f}%, "
+          f"{result.wall_time_s:.1f}s{processes}; train acc {train_acc:.2f}%, {scope}val acc {val_acc:.2f}%, "
           f"{scope}test acc {test_acc:.2f}%{mask} -> {out}")
 
 

@@ -370,6 +370,12 @@ def _processes(run: dict, executor: Executor) -> int:
     return executor.ddp if run["cmd"][0] in DATA_PARALLEL_SCRIPTS else 1
 
 
+def job_gpus(run: dict, executor: Executor) -> int:
+    """The GPUs a SLURM job of this run asks for: one per torchrun process, else --slurm-gpus."""
+    processes = _processes(run, executor)
+    return processes if processes > 1 else executor.gpus
+
+
 def script_argv(run: dict, executor: Executor, *, data_dir: str, device: str) -> list[str]:
     """The command line of one run as the executor starts it."""
     script, *args = map(str, run["cmd"])
@@ -481,7 +487,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 if executor.kind in ("serial", "local"):
                     handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
                 else:
-                    gpus = executor.ddp if _processes(run, executor) > 1 else executor.gpus
+                    gpus = job_gpus(run, executor)
                     if gpus not in clusters:
                         clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
                     import submitit

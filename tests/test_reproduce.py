@@ -95,7 +95,7 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, smoke_sweep):
 @pytest.mark.slow
 def test_every_executor_gives_the_serial_results_and_resumes_an_interrupted_sweep(data_dir, smoke_sweep, tmp_path):
     """local --workers 2 killed after two runs, restarted through submitit's local executor with one run that
-    fails, then finished serially: the finished runs are not redone, and results.csv is the serial sweep's."""
+    fails, which the next call resubmits: the finished runs are not redone, and results.csv is the serial sweep's."""
     flags = [*SMOKE, "--out-root", tmp_path, "--data-dir", data_dir]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     local = subprocess.Popen([sys.executable, "reproduce.py", *map(str, flags), "--executor", "local", "--workers",
@@ -120,9 +120,10 @@ def test_every_executor_gives_the_serial_results_and_resumes_an_interrupted_swee
     assert "not run (an input failed)" in failing.stdout  # the OMP group's evaluation waits for it
     assert all(f"{name}: skipped (exists)" in failing.stdout for name in finished)
 
-    blocker.rmdir()
-    last = run_script("reproduce.py", *flags)
+    blocker.rmdir()  # the next call resubmits the failed run and what waited for it, and nothing else
+    last = run_script("reproduce.py", *flags, "--executor", "submitit-local")
     assert last.stdout.count("done in") == 2 and last.stdout.count("skipped (exists)") == 10
+    assert f"{blocker.name}: done in" in last.stdout
 
     def without_costs(rows):  # paths differ by out-root; wall time and memory by the machine's load
         return [{k: v for k, v in r.items() if k not in ("path", "wall_time_s", "peak_mem_mb")} for r in rows]
@@ -198,3 +199,25 @@ def test_compare_keeps_the_shared_settings_and_seeds_and_each_model_once(tmp_pat
     assert sorted(r["label"] for r in merged) == ["finetune"] * 2 + ["retrain"] * 2 + ["salun"] * 2
     with pytest.raises(reproduce.common.UserError, match="share no"):
         reproduce.compare_rows(["a", "b"], tmp_path, forgets=["random1200"])
+
+
+def test_slurm_jobs_ask_for_the_runs_resources_and_start_retrains_under_torchrun(monkeypatch, tmp_path):
+    import reproduce
+    from submitit.slurm.slurm import _make_sbatch_string
+    monkeypatch.setattr(reproduce.shutil, "which", lambda name: f"/usr/bin/{name}")  # as on a login node
+    executor = reproduce.make_executor("slurm", partition="gpu", time_min=720, gpus=1, cpus=8, parallelism=64,
+                                       ddp=4)
+    runs, _ = reproduce.plan(reproduce.PROFILES["paper-cifar10"], ["finetune"], [0], tmp_path)
+    retrain = next(r for r in runs if r["kind"] == "retrain")
+    method = next(r for r in runs if r["kind"] == "method")
+    argv = reproduce.script_argv(retrain, executor, data_dir="data", device="auto")
+    assert argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "pretrain.py"]
+    assert reproduce.script_argv(method, executor, data_dir="data", device="auto")[1] == "finetune.py"
+    for run, gpus in ((retrain, 4), (method, 1)):
+        assert reproduce.job_gpus(run, executor) == gpus
+        pool = reproduce._submitit_executor(executor, tmp_path, gpus)
+        sbatch = _make_sbatch_string(command="x", folder=tmp_path, **pool.parameters)
+        for line in ("--partition=gpu", "--time=720", f"--gpus-per-node={gpus}", "--cpus-per-task=8"):
+            assert f"#SBATCH {line}\n" in sbatch, line
+    with pytest.raises(reproduce.common.UserError, match="--workers is for --executor local"):
+        reproduce.make_executor("slurm", workers=2)
