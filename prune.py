@@ -115,7 +115,8 @@ def main():
     saved = common.save_checkpoint(model, out, arch=recipe.arch, method=method, data=data,
                                    config=dict(vars(recipe), pruning=vars(args)), result=result,
                                    trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
-                                   extra=dict(parent=str(args.model), test_acc=round(test_acc, 3), val_acc=val_acc))
+                                   extra=dict(parent=str(args.model), test_acc=round(test_acc, 3), val_acc=val_acc,
+                                              world_size=world))
     print(f"{method}: sparsity {saved['sparsity']:.4f} after {max(args.rounds, 1)} round(s), rewound to epoch "
           f"{args.rewind_epoch} and retrained {recipe.epochs - args.rewind_epoch} epoch(s) per round, "
           f"{result.wall_time_s:.1f}s; val acc {val_acc:.2f}%, test acc {test_acc:.2f}% (report only) -> {out}")

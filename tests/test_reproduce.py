@@ -132,6 +132,24 @@ def test_every_executor_gives_the_serial_results_and_resumes_an_interrupted_swee
 
 
 @pytest.mark.slow
+def test_ddp_sweep_trains_from_scratch_under_torchrun_and_resumes(data_dir, tmp_path):
+    flags = ["--profile", "smoke", "--methods", "finetune", "--mia-draws", "1", "--ddp", "2", "--threads-per-run", "1",
+             "--out-root", tmp_path, "--data-dir", data_dir]
+    first = run_script("reproduce.py", *flags)
+    assert first.stdout.count("done in") == 10  # original, OMP, 3 Retrains, 2 finetune, sparse Retrain, 2 evaluations
+    ckpt = next((tmp_path / "ckpt").iterdir())
+    for name in ("original_s0", "omp50_s0", "class3_retrain_s2", "class3_retrain-sparse-omp50_s0"):  # torchrun's
+        meta = json.loads((ckpt / f"{name}.json").read_text())
+        assert meta["world_size"] == 2, name
+        assert all(epoch["seen_twice_or_more"] == 0 and epoch["seen_once"] > 0 for epoch in meta["history"]), name
+    assert "world_size" not in json.loads((ckpt / "class3_finetune_s0.json").read_text())  # one process
+    rows = list(csv.DictReader(open(tmp_path / "smoke" / "results.csv")))
+    assert [r["label"] for r in rows][:4] == ["retrain", "retrain-floor", "original", "finetune"]
+    again = run_script("reproduce.py", *flags)
+    assert again.stdout.count("skipped (exists)") == 10 and "done in" not in again.stdout
+
+
+@pytest.mark.slow
 def test_gpu_profiles_dry_run_lists_the_paper_commands():
     proc = run_script("reproduce.py", "--profile", "paper-cifar10", "--dry-run")
     assert "--arch resnet50" in proc.stdout and "--arch vit_small" in proc.stdout
