@@ -51,6 +51,7 @@ from sklearn.preprocessing import StandardScaler
 
 import common
 import evaluate
+import reproduce  # its scripts' runs and executors; it imports this module only inside functions
 
 # Linear probe: scikit-learn's L2 logistic regression on standardised features.
 PROBE_C = 1.0
@@ -333,7 +334,6 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
     """Train (or resume) the shadow population (on executor, a reproduce.Executor; default serial) and score every
     method, the original (ceiling) and Retrain against itself (floor). Returns {rows, roc, ...} (roc: per model its
     ROC curve's points, for the plot)."""
-    import reproduce
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     runs, models = shadow_runs(pretrain, methods, shadows=shadows, pool=pool, pool_seed=pool_seed,
@@ -455,7 +455,6 @@ def roc_plot(result: dict, path: Path) -> None:
 
 def method_commands(names: list[str], extra: dict[str, list[str]]) -> dict[str, list[str]]:
     """Method name -> [script, *its flags in reproduce.METHODS, *extra flags for it]."""
-    import reproduce
     unknown = [m for m in [*names, *extra] if m not in reproduce.METHODS]
     if unknown:
         raise common.UserError(f"unknown methods {unknown}; known: {', '.join(reproduce.METHODS)}")
@@ -507,6 +506,7 @@ def main():
             p.add_argument("--bootstrap", type=common.positive_int, default=BOOTSTRAP,
                            help="resamples of the target images (default: %(default)s)")
             p.add_argument("--plot", default=None, help="write the ROC plot (PNG) here")
+            reproduce.add_executor_args(p)
     args = parser.parse_args()
     if args.audit == "lira":
         return main_lira(args)
@@ -539,9 +539,13 @@ def main_lira(args) -> None:
     methods = method_commands(names, extra)
     outputs = common.check_output_files((args.json, args.md, args.plot), args.overwrite)
     common.print_config("audit lira", vars(args))
+    executor = reproduce.make_executor(args.executor, workers=args.workers, threads=args.threads_per_run,
+                                       partition=args.slurm_partition, time_min=args.slurm_time,
+                                       gpus=args.slurm_gpus, cpus=args.slurm_cpus, parallelism=args.slurm_parallelism,
+                                       ddp=args.ddp)
     result = lira(args.pretrain, methods, shadows=args.shadows, pool=args.pool, pool_seed=args.pool_seed,
                   ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, device=args.device, bootstrap=args.bootstrap,
-                  seed=args.seed)
+                  seed=args.seed, executor=executor)
     print(write_lira(result, pretrain=args.pretrain, methods=methods, md=args.md, json_path=args.json,
                      plot=args.plot))
     if outputs:

@@ -363,6 +363,29 @@ def make_executor(kind: str, *, workers: int | None = None, threads: int | None 
     return Executor(kind, workers, threads or max(len(os.sched_getaffinity(0)) // workers, 1), ddp=ddp, **slurm)
 
 
+def add_executor_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of make_executor (reproduce.py, and audit.py lira for its shadow population)."""
+    g = parser.add_argument_group("executor (where the runs go; the results do not depend on it, given the same "
+                                  "--threads-per-run)")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: one run at a time; local: --workers at once on this machine; slurm: jobs through "
+                        "submitit; submitit-local: those jobs as local processes (default: %(default)s)")
+    g.add_argument("--workers", type=common.positive_int, default=None,
+                   help="local: concurrent runs, each on its own GPU (round robin over the visible ones) or its "
+                        "share of the CPU (default: the GPU count / --ddp, or 1 without CUDA)")
+    g.add_argument("--threads-per-run", type=common.positive_int, default=None,
+                   help="CPU threads of each run (default: serial all, local cores/workers, slurm --slurm-cpus)")
+    g.add_argument("--ddp", type=common.positive_int, default=1,
+                   help="processes (GPUs) per training-from-scratch run (pretrain.py, prune.py) under torchrun; "
+                        "changes the results (per-GPU BatchNorm statistics) (default: %(default)s)")
+    g.add_argument("--slurm-partition", default=None, help="(default: the cluster's)")
+    g.add_argument("--slurm-time", type=common.positive_int, default=600, help="minutes per job (default: %(default)s)")
+    g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1, help="GPUs per job; a --ddp run's job asks for --ddp (default: %(default)s)")
+    g.add_argument("--slurm-cpus", type=common.positive_int, default=8, help="CPUs per job (default: %(default)s)")
+    g.add_argument("--slurm-parallelism", type=common.positive_int, default=64,
+                   help="jobs in flight at most (default: %(default)s)")
+
+
 DATA_PARALLEL_SCRIPTS = ("pretrain.py", "prune.py")  # whole training runs: torchrun-aware
 
 
@@ -846,25 +869,7 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every run of the grid and replace results.csv instead of merging into it")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
-    g = parser.add_argument_group("executor (where the runs go; the results do not depend on it, given the same "
-                                  "--threads-per-run)")
-    g.add_argument("--executor", choices=EXECUTORS, default="serial",
-                   help="serial: one run at a time; local: --workers at once on this machine; slurm: jobs through "
-                        "submitit; submitit-local: those jobs as local processes (default: %(default)s)")
-    g.add_argument("--workers", type=common.positive_int, default=None,
-                   help="local: concurrent runs, each on its own GPU (round robin over the visible ones) or its "
-                        "share of the CPU (default: the GPU count, or 1 without CUDA)")
-    g.add_argument("--threads-per-run", type=common.positive_int, default=None,
-                   help="CPU threads of each run (default: serial all, local cores/workers, slurm --slurm-cpus)")
-    g.add_argument("--ddp", type=common.positive_int, default=1,
-                   help="processes (GPUs) per training-from-scratch run (pretrain.py, prune.py) under torchrun; "
-                        "changes the results (per-GPU BatchNorm statistics) (default: %(default)s)")
-    g.add_argument("--slurm-partition", default=None, help="(default: the cluster's)")
-    g.add_argument("--slurm-time", type=common.positive_int, default=600, help="minutes per job (default: %(default)s)")
-    g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1, help="GPUs per job (default: %(default)s)")
-    g.add_argument("--slurm-cpus", type=common.positive_int, default=8, help="CPUs per job (default: %(default)s)")
-    g.add_argument("--slurm-parallelism", type=common.positive_int, default=64,
-                   help="jobs in flight at most (default: %(default)s)")
+    add_executor_args(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild table.md and the plots from an earlier run's results.csv; runs nothing")
     args = parser.parse_args()
