@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 import common
 
@@ -344,6 +345,11 @@ class Executor:
     parallelism: int = 64
     ddp: int = 1  # processes (GPUs) of each run that trains a network from scratch, under torchrun
 
+    @property
+    def job_cpus(self) -> int:
+        """CPUs (and OMP threads) of one SLURM or submitit job."""
+        return self.threads or self.cpus
+
 
 EXECUTORS = ("serial", "local", "slurm", "submitit-local")
 
@@ -358,7 +364,6 @@ def make_executor(kind: str, *, workers: int | None = None, threads: int | None 
         if workers:
             raise common.UserError(f"--workers is for --executor local (slurm: --slurm-parallelism), not {kind}")
         return Executor(kind, 1, threads, ddp=ddp, **slurm)
-    import torch
     workers = workers or max(torch.cuda.device_count() // ddp, 1)
     return Executor(kind, workers, threads or max(len(os.sched_getaffinity(0)) // workers, 1), ddp=ddp, **slurm)
 
@@ -380,7 +385,8 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
                         "changes the results (per-GPU BatchNorm statistics) (default: %(default)s)")
     g.add_argument("--slurm-partition", default=None, help="(default: the cluster's)")
     g.add_argument("--slurm-time", type=common.positive_int, default=600, help="minutes per job (default: %(default)s)")
-    g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1, help="GPUs per job; a --ddp run's job asks for --ddp (default: %(default)s)")
+    g.add_argument("--slurm-gpus", type=common.non_negative_int, default=1,
+                   help="GPUs per job; a --ddp run's job asks for --ddp (default: %(default)s)")
     g.add_argument("--slurm-cpus", type=common.positive_int, default=8, help="CPUs per job (default: %(default)s)")
     g.add_argument("--slurm-parallelism", type=common.positive_int, default=64,
                    help="jobs in flight at most (default: %(default)s)")
@@ -412,6 +418,11 @@ def script_argv(run: dict, executor: Executor, *, data_dir: str, device: str) ->
             "--overwrite"]
 
 
+def command_line(run: dict, executor: Executor, *, data_dir: str, device: str) -> str:
+    """script_argv as a user would type it (for --dry-run)."""
+    return " ".join(["python", *script_argv(run, executor, data_dir=data_dir, device=device)[1:]])
+
+
 def _run_process(argv: list[str], env: dict, log: Path) -> None:
     """One run as a subprocess of this one, its output in log; a failure raises its last line of stderr."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +446,6 @@ def _slot_envs(executor: Executor, device: str) -> list[dict]:
     if executor.threads:
         for env in envs:
             env.update(OMP_NUM_THREADS=str(executor.threads), MKL_NUM_THREADS=str(executor.threads))
-    import torch
     if executor.kind == "local" and device != "cpu" and torch.cuda.is_available():
         if ":" in device:
             raise common.UserError(f"--executor local pins each run to one GPU: use --device auto or cuda, "
@@ -454,7 +464,6 @@ def _submitit_executor(executor: Executor, log_dir: Path, gpus: int):
         import submitit
     except ImportError:
         raise common.UserError("--executor slurm needs submitit: pip install submitit") from None
-    cpus = executor.threads or executor.cpus
     if executor.kind == "submitit-local":
         pool = submitit.LocalExecutor(folder=log_dir / "%j")
         pool.update_parameters(timeout_min=executor.time_min)
@@ -463,7 +472,7 @@ def _submitit_executor(executor: Executor, log_dir: Path, gpus: int):
         raise common.UserError("--executor slurm: no sbatch on this machine (run it on the cluster's login node)")
     pool = submitit.SlurmExecutor(folder=log_dir / "%j")
     pool.update_parameters(job_name="unlearn", partition=executor.partition, time=executor.time_min, nodes=1,
-                           ntasks_per_node=1, cpus_per_task=cpus, gpus_per_node=gpus or None)
+                           ntasks_per_node=1, cpus_per_task=executor.job_cpus, gpus_per_node=gpus or None)
     return pool
 
 
@@ -490,7 +499,8 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
             report(run, "skipped (exists)")
         else:
             pending.append((run, reason))
-    if executor.kind in ("serial", "local"):
+    in_process_tree = executor.kind in ("serial", "local")  # else submitit jobs
+    if in_process_tree:
         capacity, envs = executor.workers, _slot_envs(executor, device)
         pool = concurrent.futures.ThreadPoolExecutor(capacity)
     else:
@@ -507,20 +517,20 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 slot = free_slots.pop(0)
                 run["out"].parent.mkdir(parents=True, exist_ok=True)
                 argv = script_argv(run, executor, data_dir=data_dir, device=device)
-                if executor.kind in ("serial", "local"):
+                if in_process_tree:
                     handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
                 else:
                     gpus = job_gpus(run, executor)
                     if gpus not in clusters:
                         clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
                     import submitit
-                    threads = executor.threads or executor.cpus  # set in the job: the login node's env stays there
+                    # The threads are set in the job: the login node's environment stays there.
                     handle = clusters[gpus].submit(submitit.helpers.CommandFunction(
-                        ["env", f"OMP_NUM_THREADS={threads}", *argv], cwd=os.getcwd(), verbose=True))
+                        ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
                 running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
         if not running:
             continue
-        time.sleep(0.2 if executor.kind in ("serial", "local") else 2.0)
+        time.sleep(0.2 if in_process_tree else 2.0)
         for out, (run, reason, slot, handle, began) in list(running.items()):
             if not handle.done():
                 continue
@@ -530,7 +540,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 handle.result()
             except Exception as err:  # a script's failure, reported with its log; the sweep goes on without it
                 failed.add(out)
-                message = str(err) if executor.kind in ("serial", "local") else \
+                message = str(err) if in_process_tree else \
                     f"{_script_error(str(err))} (log: {handle.paths.stderr})"
                 if not may_fail(run):
                     errors.append(f"{out.name}: {message}")
@@ -538,7 +548,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 continue
             done.add(out)
             report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
-    if executor.kind in ("serial", "local"):
+    if in_process_tree:
         pool.shutdown()
     if errors:
         raise common.UserError(f"{len(errors)} run(s) failed, first {errors[0]}; the finished runs are kept: "
@@ -563,9 +573,10 @@ def evaluation_rows(groups: list[dict], evaluations: list[dict]) -> list[dict]:
     rows, seen = [], set()
     for group, evaluation in zip(groups, evaluations):
         variant = "" if group["variant"] == "dense" else f"@{group['variant']}"
-        labels = {str(group["retrain"]): "retrain", str(group["floor"]): "retrain-floor",
-                  str(group["source"]): f"original{variant}",
+        labels = {str(group["retrain"]): "retrain", str(group["source"]): f"original{variant}",
                   **{str(out): label for label, out in group["methods"].items()}}
+        if group["floor"]:
+            labels[str(group["floor"])] = "retrain-floor"
         if group["sparse_retrain"]:
             labels[str(group["sparse_retrain"])] = f"retrain-sparse{variant or '-pruned'}"
         for row in json.loads(evaluation["out"].read_text())["rows"]:
@@ -715,7 +726,7 @@ def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: 
             methods, ckpt = lira_setup(spec["lira"], root)
             runs, _ = audit.shadow_runs(spec["lira"]["pretrain"], methods, shadows=spec["lira"]["shadows"],
                                         pool=spec["lira"]["pool"], pool_seed=0, ckpt_dir=ckpt)
-            print("\n".join("python " + " ".join(map(str, r["cmd"])) + f" --out {r['out']}" for r in runs))
+            print("\n".join(command_line(r, executor or Executor(), data_dir=data_dir, device=device) for r in runs))
         print(f"then probe {spec['probe']} and relearn {spec['relearn']} on every seed-{spec['seeds']} model of "
               f"{', '.join(spec['of'])} (their results.csv)")
         return []
@@ -928,8 +939,8 @@ def main():
             print("# tuning runs (then evaluate.py --split val picks each method's setting):")
         for run in tune_runs + ([dict(cmd=["# grid, shown with the first candidates:"], out=None)] if tune_groups
                                 else []) + runs:
-            argv = script_argv(run, executor, data_dir=args.data_dir, device=args.device) if run["out"] else []
-            print(" ".join(["python", *argv[1:]]) if argv else run["cmd"][0])
+            print(command_line(run, executor, data_dir=args.data_dir, device=args.device) if run["out"]
+                  else run["cmd"][0])
         kinds = collections.Counter(run["kind"] for run in {r["out"]: r for r in [*tune_runs, *runs]}.values())
         print(f"{sum(kinds.values())} runs (" + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
               + f"); executor {executor.kind}")
