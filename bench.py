@@ -15,7 +15,8 @@
    CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
    and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Each configuration runs in its own
    process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
-   scripts' sidecars) is its own.
+   scripts' sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
+   paper's dropout 0.1, whose mask is drawn over every adapted layer's full-size input.
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
@@ -52,6 +53,7 @@ METHODS = {  # name -> (its script, does it prune, does it adapt through LoRA)
     "finetune": (finetune, False, False),
     "pruneft": (pruneft, True, False),
     "lora": (lora, False, True),
+    "lora-dropout0": (lora, False, True),  # LoRA with adapter dropout 0: what the paper's ResNet dropout 0.1 costs
     "loraprune": (loraprune, True, True),
 }
 
@@ -128,7 +130,8 @@ def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Modul
     if prunes:
         common.prune_model(model, family, script.PRUNE, script.SPARSITY)
     if adapts:
-        model = common.add_lora(model, **common.lora_settings(family), train_head=script.LORA_HEAD)
+        dropout = 0.0 if method == "lora-dropout0" else None
+        model = common.add_lora(model, **common.lora_settings(family, dropout=dropout), train_head=script.LORA_HEAD)
     return model
 
 
@@ -208,7 +211,7 @@ def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> 
     if device.type == "cuda" and not fp32:
         label = "bf16 autocast, channels_last"
     else:
-        label = "fp32, contiguous" if device.type == "cuda" else "fp32"
+        label = "fp32, contiguous" if device.type == "cuda" else "fp32, channels_last"
     return label + (", torch.compile" if compile_model else "")
 
 
@@ -292,6 +295,8 @@ def main():
     variants = [""] + ([":fp32"] if device.type == "cuda" else []) + ([":compile"] if args.compile else [])
     figures["methods"] = []
     for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
+        if method == "lora-dropout0" and not common.lora_settings(common.ARCHS[arch].family)["dropout"]:
+            continue  # LoRA's own default has no dropout here
         one = f"{arch}:{method}:{batch_size}{variant}"
         proc = subprocess.run([sys.executable, __file__, "--one", one, "--device", str(device), "--steps", str(steps)],
                               capture_output=True, text=True)

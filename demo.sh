@@ -4,7 +4,7 @@
 # accuracy), a second Retrain of another seed (the seed-noise floor), runs the four methods at the paper's
 # defaults (Adam 1e-3, 5 epochs, batch 128, Dr only), trains the Retrain with Prune+FT's 50% structured mask (the
 # sparse reference of the pruned rows), then compares them all with Retrain.
-# About 12 minutes on 2 CPU cores. Outputs: model_weights/fashion-mnist_resnet_tiny_*, results/demo.md.
+# About 8 minutes on 2 CPU cores. Outputs: model_weights/fashion-mnist_resnet_tiny_*, results/demo.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 COMMON=(--dataset fashion-mnist --arch resnet_tiny --train-subset 12000 --epochs 15 --augment false)

@@ -1,6 +1,6 @@
-"""PruneLoRA, "prune first, then adapt, then unlearn": prune 50% by L2 structured pruning (as pruneft.py), add
-LoRA adapters to the frozen pruned model, re-estimate BatchNorm statistics on Dr, then train the adapters plus
-the head with cross-entropy on Dr (as lora.py). On pruned layers the update is M * (W0 + BA), so the merged
+"""PruneLoRA, "prune first, then adapt, then unlearn": prune 50% by L2 structured pruning (as pruneft.py),
+re-estimate BatchNorm statistics on Dr, add LoRA adapters to the frozen pruned model, then train the adapters
+plus the head with cross-entropy on Dr (as lora.py). On pruned layers the update is M * (W0 + BA), so the merged
 checkpoint is exactly as sparse as the pruned model; --allow-regrowth lets the dense low-rank update fill the
 pruned filters, as the seed code did.
 
@@ -52,13 +52,13 @@ def main():
     if args.allow_regrowth:
         common.allow_regrowth(model)
     sparsity_after_pruning = common.sparsity(model, arch.family)
-    # 2. Freeze the pruned model; add adapters (B = 0: its function is unchanged) and unfreeze the head.
-    model = common.add_lora(model, **lora, train_head=args.lora_head)
-    # 3. The dense model's BatchNorm statistics no longer describe the pruned layers, and frozen BatchNorm would
+    # 2. The dense model's BatchNorm statistics no longer describe the pruned layers, and frozen BatchNorm would
     #    never correct them: re-estimate them on Dr.
     if args.recalibrate_bn and not args.allow_regrowth:
         common.recalibrate_batchnorm(model, common.random_subset(x_retain, common.BN_CALIBRATION_IMAGES, gen),
                                      data.info, arch.input_size)
+    # 3. Freeze the pruned model; add adapters (B = 0: its function is unchanged) and unfreeze the head.
+    model = common.add_lora(model, **lora, train_head=args.lora_head)
     prep_time_s = time.perf_counter() - start
 
     # 4. Cross-entropy on Dr through the adapters; BatchNorm statistics stay frozen unless --update-bn.
