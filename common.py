@@ -410,10 +410,23 @@ def structured_prune(model: nn.Module, family: str, amount: float) -> None:
 
 
 def global_magnitude_prune(model: nn.Module, family: str, amount: float) -> None:
-    """Zero the fraction `amount` of still-unpruned prunable weights with the smallest |w|, over all layers."""
+    """Zero the fraction `amount` of still-unpruned prunable weights with the smallest |w|, over all layers.
+
+    torch.nn.utils.prune.global_unstructured's rule (L1Unstructured over the still-unpruned weights of all layers,
+    concatenated in order; ties to the lower index), computed here because torch's flattens with view(-1), which
+    channels_last weights refuse."""
     check_sparsity(amount)
-    params = [(m, "weight") for m in prunable_modules(model, family).values()]
-    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    modules = list(prunable_modules(model, family).values())
+    alive = [getattr(m, "weight_mask", torch.ones_like(m.weight)).flatten() != 0 for m in modules]
+    scores = torch.cat([m.weight.detach().flatten()[kept] for m, kept in zip(modules, alive)]).abs()
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[torch.topk(scores, round(amount * scores.numel()), largest=False).indices] = False
+    start = 0
+    for m, kept in zip(modules, alive):
+        mask = kept.clone()
+        mask[kept] = keep[start:start + int(kept.sum())]
+        start += int(kept.sum())
+        prune.custom_from_mask(m, "weight", mask.view(m.weight.shape))
 
 
 PRUNE_METHODS = ["l2-structured", "l1-global"]
@@ -481,7 +494,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 #   and a second full convolution. A BatchNorm folded into the frozen convolution (frozen_batchnorm) scales
 #   B's rows the same way.
 # - dropout: peft keeps the dropped copy of every adapted input for A's backward (float, twice) and draws it
-#   with torch's Bernoulli sampler, which costs more than the adapter itself on a CPU. Here the keep mask is
+#   with torch's Bernoulli sampler, which costs more than the adapters themselves on a CPU. Here the keep mask is
 #   drawn from 16 random bits per element (lora_keep_mask), only that mask is stored (one byte per element),
 #   and A(dropout(x)) is recomputed in backward from x, which the network keeps anyway.
 
@@ -495,8 +508,8 @@ def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
 def lora_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A dropout keep mask shaped and laid out like x: each element kept with probability 1 - p, p rounded to a
     multiple of 2**-16 (at most 8e-6 off). Four elements per 64-bit draw of the global generator: a quarter of
-    the draws of torch's Bernoulli sampler, which dominates a CPU training step of a dropout-LoRA ResNet."""
-    keep = torch.empty_like(x, dtype=torch.bool)  # x's memory layout (channels_last too), so the multiply streams
+    the draws of torch's Bernoulli sampler, which took a fifth of a ResNet-50 LoRA training step on a CPU."""
+    keep = torch.empty_like(x, dtype=torch.bool)  # x's memory layout (channels_last too), so masking streams
     words = torch.empty((keep.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
     bits = words.view(torch.int16)[: keep.numel()]  # uniform on [-2**15, 2**15)
     torch.ge(bits, round(p * 2**16) - 2**15, out=keep.as_strided((keep.numel(),), (1,)))

@@ -232,3 +232,19 @@ def test_batchnorm_reestimation_averages_over_all_images_and_builds_no_graph():
         features = model[0](common.normalize(x, info, None))
     torch.testing.assert_close(model[1].running_mean, features.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
     assert model[1].momentum == 0.1  # the usual momentum is back for later training
+
+
+def test_global_magnitude_pruning_of_a_channels_last_model_equals_torchs_global_unstructured():
+    """Two rounds (IMP's second prunes among the survivors) on a channels_last model (prepare_model's layout, which
+    torch's global_unstructured refuses) give exactly the masks torch's rule gives the same weights contiguous."""
+    import torch.nn.utils.prune as torch_prune
+    ours = common.prepare_model(_model("resnet_tiny"), torch.device("cpu"))
+    reference = _model("resnet_tiny")
+    for amount in (0.5, 0.3):
+        common.global_magnitude_prune(ours, "resnet", amount)
+        layers = common.prunable_modules(reference, "resnet").values()
+        torch_prune.global_unstructured([(m, "weight") for m in layers], pruning_method=torch_prune.L1Unstructured,
+                                        amount=amount)
+        for name, m in common.prunable_modules(ours, "resnet").items():
+            assert torch.equal(m.weight_mask.bool(), dict(reference.named_modules())[name].weight_mask.bool()), name
+    assert common.sparsity(ours, "resnet") == pytest.approx(1 - 0.5 * 0.7, abs=1e-3)
