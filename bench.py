@@ -1,6 +1,6 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # all parts; ~5 min on 2 free CPU cores
+    python bench.py                      # all parts; ~6 min on 2 free CPU cores
     python bench.py --json bench.json --md bench.md
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
 
