@@ -423,9 +423,10 @@ def global_magnitude_prune(model: nn.Module, family: str, amount: float) -> None
     keep[torch.topk(scores, round(amount * scores.numel()), largest=False).indices] = False
     start = 0
     for m, kept in zip(modules, alive):
+        count = int(kept.sum())
         mask = kept.clone()
-        mask[kept] = keep[start:start + int(kept.sum())]
-        start += int(kept.sum())
+        mask[kept] = keep[start:start + count]
+        start += count
         prune.custom_from_mask(m, "weight", mask.view(m.weight.shape))
 
 

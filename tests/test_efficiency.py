@@ -36,16 +36,19 @@ class SharedDropoutMasks(nn.Dropout):
         return x * self.keep_mask(x, self.p) / (1 - self.p) if self.training else x
 
 
-def _trained_merged(arch: str, prune_method: str, dropout: float, steps: int = 3,
-                    masks: SharedDropoutMasks | None = None) -> dict[str, torch.Tensor]:
+def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
+                    steps: int = 3) -> dict[str, torch.Tensor]:
     """Prune, add LoRA, take a few Adam steps on fixed random batches (seeded), merge; the plain state dict.
-    masks: every adapter's dropout draws its keep masks from there."""
+    With dropout, every adapter's keep masks (peft's dropout modules and common.lora_keep_mask alike) come from
+    a fresh SharedDropoutMasks, so every call drops the same elements."""
     family = common.ARCHS[arch].family
     model = _model(arch)
     if prune_method != "none":
         common.prune_model(model, family, prune_method, 0.5)
     model = common.add_lora(model, rank=4, alpha=8, dropout=dropout, targets=common.LORA_DEFAULTS[family]["targets"])
-    if masks is not None:
+    if dropout:
+        masks = SharedDropoutMasks(dropout)
+        monkeypatch.setattr(common, "lora_keep_mask", masks.keep_mask)
         for m in model.modules():
             if hasattr(m, "lora_dropout"):
                 m.lora_dropout["default"] = masks
@@ -55,7 +58,6 @@ def _trained_merged(arch: str, prune_method: str, dropout: float, steps: int = 3
     x = torch.randn(16, info.channels, info.size, info.size, generator=gen)
     y = torch.randint(0, info.num_classes, (16,), generator=gen)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.manual_seed(2)  # the dropout masks
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -68,11 +70,9 @@ def _trained_merged(arch: str, prune_method: str, dropout: float, steps: int = 3
 def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout, monkeypatch):
     # The same dropped elements in both (SharedDropoutMasks): the lean path draws each mask once in forward, as
     # peft does, and keeps it for backward's recomputation of the dropped input.
-    masks = SharedDropoutMasks(dropout)
-    monkeypatch.setattr(common, "lora_keep_mask", masks.keep_mask)
-    lean = _trained_merged(arch, "none", dropout, masks=masks if dropout else None)
+    lean = _trained_merged(arch, "none", dropout, monkeypatch)
     monkeypatch.setattr(common, "_lora_layer_classes", lambda: {})  # peft's own LoRA layers
-    plain = _trained_merged(arch, "none", dropout, masks=SharedDropoutMasks(dropout) if dropout else None)
+    plain = _trained_merged(arch, "none", dropout, monkeypatch)
     assert lean.keys() == plain.keys()
     for key in lean:
         torch.testing.assert_close(lean[key], plain[key], atol=1e-5, rtol=1e-4, msg=key)
@@ -81,11 +81,9 @@ def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout, monkeypatch):
 @pytest.mark.parametrize("arch", ["resnet_tiny", "vit_tiny"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_structured_mask_on_the_adapter_output_equals_the_dense_masked_delta(arch, dropout, monkeypatch):
-    masks = SharedDropoutMasks(dropout)
-    monkeypatch.setattr(common, "lora_keep_mask", masks.keep_mask)
-    lean = _trained_merged(arch, "l2-structured", dropout, masks=masks if dropout else None)
+    lean = _trained_merged(arch, "l2-structured", dropout, monkeypatch)
     monkeypatch.setattr(common, "output_row_mask", lambda mask: None)  # force M * (BA) and a second conv
-    dense = _trained_merged(arch, "l2-structured", dropout, masks=SharedDropoutMasks(dropout) if dropout else None)
+    dense = _trained_merged(arch, "l2-structured", dropout, monkeypatch)
     for key in lean:
         torch.testing.assert_close(lean[key], dense[key], atol=1e-5, rtol=1e-4, msg=key)
     family = common.ARCHS[arch].family
