@@ -1,6 +1,6 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # all parts; ~6 min on 2 free CPU cores
+    python bench.py                      # all parts; ~10 min on 2 free CPU cores
     python bench.py --json bench.json --md bench.md
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
 
@@ -13,7 +13,8 @@
    seconds per step over --steps steady-state steps (one warm-up step first, not timed), activation memory
    (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the same figure on
    CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
-   and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Each configuration runs in its own
+   and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with
+   --shrink (pruneft-shrink, loraprune-shrink: trained on common.shrink_pruned's smaller network). Each configuration runs in its own
    process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
    scripts' sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
    paper's dropout 0.1, whose mask is drawn over every adapted layer's full-size input.
@@ -55,6 +56,8 @@ METHODS = {  # name -> (its script, does it prune, does it adapt through LoRA)
     "lora": (lora, False, True),
     "lora-dropout0": (lora, False, True),  # LoRA with adapter dropout 0: what the paper's ResNet dropout 0.1 costs
     "loraprune": (loraprune, True, True),
+    "pruneft-shrink": (pruneft, True, False),  # --shrink: the pruned filters removed while training
+    "loraprune-shrink": (loraprune, True, True),
 }
 
 
@@ -129,6 +132,8 @@ def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Modul
     model = common.prepare_model(common.build_model(arch, common.DATASETS["cifar10"]), device)
     if prunes:
         common.prune_model(model, family, script.PRUNE, script.SPARSITY)
+    if method.endswith("-shrink"):
+        model = common.shrink_pruned(model, family)
     if adapts:
         dropout = 0.0 if method == "lora-dropout0" else None
         model = common.add_lora(model, **common.lora_settings(family, dropout=dropout), train_head=script.LORA_HEAD)

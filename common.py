@@ -472,6 +472,238 @@ def sparsity(model: nn.Module, family: str) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Shrinking a structurally pruned model (--shrink): half of every pruned layer computes zeros, so train a
+# physically smaller copy instead and write its weights back. A pruned filter's output is exactly zero, but
+# after the BatchNorm and activation that follow it (or, in a ViT MLP, its bias and GELU) it is a constant
+# per channel, not zero, and the next layer reads it: the shrunk next layer adds that constant's contribution
+# from the removed input channels itself (a map, not a vector, where zero padding makes the borders differ),
+# so outputs, gradients and BatchNorm statistics are the masked model's to float rounding. Only channels read
+# by a single layer inside a block are removed: the residual stream's channels (a block's last layer, the
+# attention's) are summed with the shortcut, so those layers keep their masked rows. LoRA on a shrunk layer
+# keeps A's columns for the removed inputs (lora_A_removed, applied to their constants), so PruneLoRA trains
+# the masked model's adapters; under adapter dropout those constant inputs enter undropped (their expectation).
+
+class ShrunkConv2d(nn.Conv2d):
+    """A convolution over the kept input channels, plus the removed channels' constant contribution:
+    act(pruned_norm(0)) convolved with their weights (pruned_weight) on one image, broadcast over the batch.
+    Built by from_pruned; constructed like a Conv2d it is one (peft builds adapters with the base layer's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pruned_weight = self.pruned_norm = self.act = None
+        self.register_buffer("pruned_rows", None)  # the layer's own structured mask, if its rows are pruned
+
+    @classmethod
+    def from_pruned(cls, layer: nn.Conv2d, rows: torch.Tensor, kept_in: torch.Tensor, pruned_in: torch.Tensor,
+                    norm: nn.BatchNorm2d, act: nn.Module, weight: torch.Tensor) -> "ShrunkConv2d":
+        if layer.groups != 1 or layer.bias is not None or layer.padding_mode != "zeros":
+            raise UserError("--shrink supports plain bias-free convolutions only")
+        shrunk = cls(len(kept_in), len(rows), layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, bias=False, device=weight.device, dtype=weight.dtype)
+        shrunk.weight = nn.Parameter(weight[rows][:, kept_in].clone())
+        shrunk.pruned_weight = nn.Parameter(weight[rows][:, pruned_in].clone())
+        shrunk.pruned_norm = _channel_subset(norm, pruned_in)
+        shrunk.act = copy.deepcopy(act)
+        return shrunk
+
+    def removed_constants(self) -> torch.Tensor:
+        """act(norm(0)) of the removed input channels, shaped (1, n, 1, 1)."""
+        # Two zero images, so a BatchNorm in train mode sees zero batch variance, as the masked model's does.
+        return self.act(self.pruned_norm(self.pruned_weight.new_zeros(2, self.pruned_weight.shape[1], 1, 1)))[:1]
+
+    def removed_input_term(self, constants: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """What the removed channels' constants add through `weight` (this layer's stride and padding): a map
+        (1, out, H', W'), or (1, out, 1, 1) where no padding makes every position alike."""
+        field = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+        spatial = field if not any(self.padding) else size  # one receptive field's image suffices without padding
+        return self._conv_forward(constants.expand(1, constants.shape[1], *spatial), weight, None)
+
+    def forward(self, x: torch.Tensor, constants: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pruned_weight is None:
+            return super().forward(x)
+        constants = self.removed_constants() if constants is None else constants
+        removed = self.removed_input_term(constants, _masked_pruned_weight(self), x.shape[-2:])
+        if removed.shape[-2:] == (1, 1):  # the same at every position: a bias, added by the convolution itself
+            removed = removed.flatten()
+            return self._conv_forward(x, self.weight, removed if self.bias is None else self.bias + removed)
+        out = super().forward(x)
+        return out + removed.to(out.dtype)
+
+
+class ShrunkLinear(nn.Linear):
+    """A linear layer over the kept inputs; the removed inputs' constant, act(pruned_input_bias) (the bias of
+    the pruned rows before), enters through the bias."""
+
+    def __init__(self, layer: nn.Linear, kept_in: torch.Tensor, pruned_in: torch.Tensor, producer_bias: torch.Tensor,
+                 act: nn.Module, weight: torch.Tensor):
+        super().__init__(len(kept_in), layer.out_features, bias=layer.bias is not None, device=weight.device,
+                         dtype=weight.dtype)
+        self.weight = nn.Parameter(weight[:, kept_in].clone())
+        if layer.bias is not None:
+            self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.pruned_input_bias = nn.Parameter(producer_bias[pruned_in].clone())
+        self.act = copy.deepcopy(act)
+        self.pruned_weight = nn.Parameter(weight[:, pruned_in].clone())
+        self.register_buffer("pruned_rows", None)
+
+    def removed_constants(self) -> torch.Tensor:
+        return self.act(self.pruned_input_bias)
+
+    def removed_input_term(self, constants: torch.Tensor, weight: torch.Tensor, size=None) -> torch.Tensor:
+        return F.linear(constants, weight)
+
+    def forward(self, x: torch.Tensor, constants: torch.Tensor | None = None) -> torch.Tensor:
+        constants = self.removed_constants() if constants is None else constants
+        removed = self.removed_input_term(constants, _masked_pruned_weight(self))
+        return F.linear(x, self.weight, removed if self.bias is None else self.bias + removed)
+
+
+def _channel_subset(norm: nn.BatchNorm2d, index: torch.Tensor) -> nn.BatchNorm2d:
+    """A BatchNorm2d over some of norm's channels, with their parameters and statistics."""
+    part = nn.BatchNorm2d(len(index), eps=norm.eps, momentum=norm.momentum, device=norm.weight.device,
+                          dtype=norm.weight.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            getattr(part, name).copy_(getattr(norm, name)[index])
+        for name in ("running_mean", "running_var"):
+            getattr(part, name).copy_(getattr(norm, name)[index])
+        part.num_batches_tracked.copy_(norm.num_batches_tracked)
+    part.train(norm.training)
+    return part
+
+
+def _effective(module: nn.Module, name: str) -> torch.Tensor:
+    """A weight as the forward uses it: torch's pruning keeps name_orig * name_mask."""
+    if hasattr(module, name + "_orig"):
+        return (getattr(module, name + "_orig") * getattr(module, name + "_mask")).detach()
+    return getattr(module, name).detach()
+
+
+def _shrink_pairs(model: nn.Module, family: str) -> list[tuple[str, str | None, str, str]]:
+    """(producer, norm or None, activation, consumer) module names where the producer's output channels pass
+    through the norm and activation alone into the consumer alone. A block with dropout, anti-aliasing or an
+    MLP norm between (none of our architectures has one) is left as it is."""
+    from timm.layers import Mlp
+    from timm.models.resnet import BasicBlock, Bottleneck
+    pairs = []
+    for name, m in model.named_modules():
+        local = []
+        if family == "resnet" and isinstance(m, (BasicBlock, Bottleneck)) and \
+                isinstance(m.drop_block, nn.Identity) and isinstance(m.aa, nn.Identity):
+            local = [("conv1", "bn1", "act1", "conv2")]
+            if isinstance(m, Bottleneck):
+                local.append(("conv2", "bn2", "act2", "conv3"))
+        elif family == "vit" and isinstance(m, Mlp) and isinstance(m.norm, nn.Identity) and m.drop1.p == 0:
+            local = [("fc1", None, "act", "fc2")]
+        pairs += [tuple(part and f"{name}.{part}" for part in pair) for pair in local]
+    return pairs
+
+
+def _shrink_plan(model: nn.Module, family: str):
+    """Per layer, the output rows kept in the shrunk model (producers), and per consumer its (kept inputs,
+    removed inputs, norm, activation, producer), from the structured masks of a pruned model."""
+    rows, inputs = {}, {}
+    for producer, norm, act, consumer in _shrink_pairs(model, family):
+        mask = getattr(model.get_submodule(producer), "weight_mask", None)
+        kept = output_row_mask(mask) if mask is not None else None
+        if kept is None or kept.all() or not kept.any():
+            continue
+        rows[producer] = kept.nonzero().flatten()
+        inputs[consumer] = (rows[producer], (~kept).nonzero().flatten(), norm, act, producer)
+    if not inputs:
+        raise UserError("--shrink needs filters that stay pruned: --prune l2-structured, no --allow-regrowth")
+    return rows, inputs
+
+
+def _masked_pruned_weight(layer: nn.Module) -> torch.Tensor:
+    weight = layer.pruned_weight
+    return weight if layer.pruned_rows is None else weight * _per_row(layer.pruned_rows, weight)
+
+
+def _rows_of(layer: nn.Module, rows: torch.Tensor, weight: torch.Tensor) -> nn.Module:
+    """A copy of a conv or linear layer with only some output rows."""
+    if isinstance(layer, nn.Conv2d):
+        part = nn.Conv2d(layer.in_channels, len(rows), layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                         dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                         padding_mode=layer.padding_mode, device=weight.device, dtype=weight.dtype)
+    else:
+        part = nn.Linear(layer.in_features, len(rows), bias=layer.bias is not None, device=weight.device,
+                         dtype=weight.dtype)
+    part.weight = nn.Parameter(weight[rows].clone())
+    if layer.bias is not None:
+        part.bias = nn.Parameter(layer.bias.detach()[rows].clone())
+    return part
+
+
+def shrink_pruned(model: nn.Module, family: str) -> nn.Module:
+    """A physically smaller copy of a structurally pruned model, computing the same function (see above);
+    expand_pruned writes what it learns back."""
+    rows, inputs = _shrink_plan(model, family)
+    small = copy_model(model)
+    for name in {*rows, *inputs}:
+        layer = model.get_submodule(name)
+        weight = _effective(layer, "weight")
+        kept_rows = rows.get(name, torch.arange(weight.shape[0], device=weight.device))
+        if name not in inputs:
+            part = _rows_of(layer, kept_rows, weight)
+        else:
+            kept, removed, norm, act, producer = inputs[name]
+            if isinstance(layer, nn.Conv2d):
+                part = ShrunkConv2d.from_pruned(layer, kept_rows, kept, removed, model.get_submodule(norm),
+                                                model.get_submodule(act), weight)
+            else:
+                part = ShrunkLinear(layer, kept, removed, model.get_submodule(producer).bias.detach(),
+                                    model.get_submodule(act), weight)
+            if hasattr(layer, "weight_mask") and name not in rows:  # its own pruned rows stay pruned
+                part.pruned_rows = output_row_mask(layer.weight_mask)
+                prune.custom_from_mask(part, "weight", layer.weight_mask[:, kept])
+        part.requires_grad_(getattr(layer, "weight_orig", layer.weight).requires_grad).train(layer.training)
+        small.set_submodule(name, part)
+    for kept, _, norm, _, _ in inputs.values():
+        if norm is not None:
+            small.set_submodule(norm, _channel_subset(model.get_submodule(norm), kept))
+    return prepare_model(small, next(model.parameters()).device)
+
+
+@torch.no_grad()
+def expand_pruned(model: nn.Module, small: nn.Module, family: str) -> nn.Module:
+    """Write a shrunk copy's weights and BatchNorm statistics (after training, and after merge_lora) back into
+    the pruned model it came from; the pruned rows stay masked. Returns the model."""
+    rows, inputs = _shrink_plan(model, family)
+    norms = {norm for _, _, norm, _, _ in inputs.values() if norm is not None}
+    small_state = small.state_dict()
+    for key, value in model.state_dict(keep_vars=True).items():  # every layer that was not shrunk, as it is
+        if key.rpartition(".")[0] not in {*rows, *inputs, *norms}:
+            value.copy_(small_state[key])
+    for name in {*rows, *inputs}:
+        layer, part = model.get_submodule(name), small.get_submodule(name)
+        target = layer.weight_orig if hasattr(layer, "weight_orig") else layer.weight
+        kept_rows = rows.get(name, torch.arange(target.shape[0], device=target.device))
+        if name not in inputs:
+            target[kept_rows] = _effective(part, "weight")
+        else:
+            kept, removed, norm, _, producer = inputs[name]
+            target[kept_rows[:, None], kept] = _effective(part, "weight")
+            target[kept_rows[:, None], removed] = _masked_pruned_weight(part).detach()
+            if norm is not None:
+                _write_channels(model.get_submodule(norm), part.pruned_norm, removed)
+            else:
+                model.get_submodule(producer).bias[removed] = part.pruned_input_bias
+        if layer.bias is not None:
+            layer.bias[kept_rows] = part.bias
+    for kept, _, norm, _, _ in inputs.values():
+        if norm is not None:
+            _write_channels(model.get_submodule(norm), small.get_submodule(norm), kept)
+    return model
+
+
+def _write_channels(norm: nn.BatchNorm2d, part: nn.BatchNorm2d, index: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(norm, name)[index] = getattr(part, name)
+    norm.num_batches_tracked.copy_(part.num_batches_tracked)
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the plain architecture: masked weights folded in, no weight_orig/weight_mask keys."""
     state = model.state_dict()
@@ -550,7 +782,9 @@ def _plus_low_rank(result: torch.Tensor, up: nn.Module, hidden: torch.Tensor, we
 
 
 def _lean_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    result = layer.base_layer(x)
+    removed_inputs = getattr(layer, "lora_A_removed", {})  # A's columns for a shrunk layer's removed inputs
+    constants = layer.base_layer.removed_constants() if removed_inputs else None  # computed once per step
+    result = layer.base_layer(x, constants) if removed_inputs else layer.base_layer(x)
     mask = getattr(layer.base_layer, "weight_mask", None)
     rows = getattr(layer.base_layer, "weight_row_mask", None)  # set by fold_frozen_masks if the mask is m 1^T
     folded_scale = getattr(layer, "folded_batchnorm_scale", None)  # set by frozen_batchnorm
@@ -565,6 +799,9 @@ def _lean_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
             result = result + _with_weight(layer.base_layer, dropout(x).to(result.dtype), delta.to(result.dtype))
             continue
         hidden = _dropout_then(dropout, layer.lora_A[name], x)
+        if name in removed_inputs:  # constants: with dropout, their expectation enters
+            term = layer.base_layer.removed_input_term(constants, removed_inputs[name], x.shape[-2:])
+            hidden = hidden + term.to(hidden.dtype)
         up = layer.lora_B[name]
         weight = up.weight * layer.scaling[name]
         for factor in (rows, folded_scale):  # one factor per output channel: B's rows
@@ -626,8 +863,36 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targe
         peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"LoRA targets {targets!r} match no layer of this model ({str(err).splitlines()[0][:100]})")
+    for m in peft_model.modules():
+        if getattr(getattr(m, "base_layer", None), "pruned_weight", None) is not None and hasattr(m, "lora_A"):
+            _adapt_removed_inputs(m)
     fold_frozen_masks(peft_model)
     return peft_model
+
+
+@torch.no_grad()
+def _adapt_removed_inputs(layer: nn.Module) -> None:
+    """A LoRA layer on a shrunk layer (shrink_pruned) gets A's columns for the removed inputs too
+    (lora_A_removed), so its adapters are the masked model's: A over the whole input, drawn as peft draws it
+    (kaiming uniform, bound 1/sqrt(fan-in) of the whole input)."""
+    base = layer.base_layer
+    kept, removed = base.weight.shape[1], base.pruned_weight.shape[1]
+    layer.lora_A_removed = nn.ParameterDict()
+    for name, down in layer.lora_A.items():
+        per_input = down.weight[0, 0].numel()  # kernel positions per input channel
+        bound = 1 / math.sqrt((kept + removed) * per_input)
+        down.weight.uniform_(-bound, bound)
+        shape = (down.weight.shape[0], removed, *down.weight.shape[2:])
+        layer.lora_A_removed[name] = nn.Parameter(
+            torch.empty(shape, device=down.weight.device, dtype=down.weight.dtype).uniform_(-bound, bound))
+
+
+def _merge_removed_inputs(layer: nn.Module) -> None:
+    """Fold B A_removed (scaled) into the shrunk base layer's removed-input weights, as peft merges B A."""
+    for name, down in layer.lora_A_removed.items():
+        up = layer.lora_B[name].weight
+        delta = (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) * layer.scaling[name]
+        layer.base_layer.pruned_weight.add_(delta.to(layer.base_layer.pruned_weight.dtype))
 
 
 def fold_frozen_masks(model: nn.Module) -> None:
@@ -651,6 +916,10 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
             plain_name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
             masks[plain_name] = m._buffers.pop("weight_mask")
             m._buffers.pop("weight_row_mask", None)
+    with torch.no_grad():
+        for m in peft_model.modules():
+            if hasattr(m, "lora_A_removed"):
+                _merge_removed_inputs(m)
     model = peft_model.merge_and_unload()
     apply_masks(model, masks)
     return model
@@ -725,16 +994,16 @@ def _batchnorm_after_conv(model: nn.Module) -> list[tuple[nn.Module, str, nn.Bat
     """(parent, name, BatchNorm2d, convolution) for each BatchNorm2d registered right after a convolution (a
     Conv2d, or a LoRA layer around one), nothing between: in every ResNet here that BatchNorm normalises exactly
     that convolution's output, and nothing else reads it (tests check each architecture)."""
-    pairs, previous, lora_parts = [], None, None
+    pairs, previous, conv_parts = [], None, None
     for name, m in model.named_modules():
-        if lora_parts and name.startswith(lora_parts):  # a LoRA layer's base layer, adapters and dropout
+        if conv_parts and name.startswith(conv_parts):  # a LoRA layer's base and adapters; a ShrunkConv2d's norm
             continue
         if isinstance(m, nn.BatchNorm2d) and previous is not None:
             parent_name, _, child_name = name.rpartition(".")
             pairs.append((model.get_submodule(parent_name), child_name, m, previous))
         is_lora = isinstance(getattr(m, "base_layer", None), nn.Conv2d)
         previous = m if isinstance(m, nn.Conv2d) or is_lora else None
-        lora_parts = name + "." if is_lora else None
+        conv_parts = name + "." if previous is not None else None
     return pairs
 
 
@@ -746,7 +1015,8 @@ def _frozen_conv(conv: nn.Module) -> nn.Conv2d | None:
             return None
         conv = conv.base_layer
     weight = conv._parameters.get("weight")  # absent while torch's pruning recomputes it each forward
-    return conv if weight is not None and not weight.requires_grad and conv.bias is None else None
+    frozen = not any(p.requires_grad for p in conv.parameters(recurse=False))
+    return conv if weight is not None and frozen and conv.bias is None else None
 
 
 @contextlib.contextmanager
@@ -768,17 +1038,21 @@ def frozen_batchnorm(model: nn.Module):
             if base is None or not is_frozen(bn):
                 continue
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            original = base.weight
-            base.weight = nn.Parameter(original * _per_row(scale, original), requires_grad=False)
+            # Every weight whose rows are output channels: a ShrunkConv2d's removed-input weights too.
+            originals = {attr: getattr(base, attr) for attr in ("weight", "pruned_weight")
+                         if getattr(base, attr, None) is not None}
+            for attr, original in originals.items():
+                setattr(base, attr, nn.Parameter(original * _per_row(scale, original), requires_grad=False))
             base.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
             if base is not conv:
                 conv.folded_batchnorm_scale = scale
             setattr(parent, name, nn.Identity())
-            folded.append((parent, name, bn, conv, base, original))
+            folded.append((parent, name, bn, conv, base, originals))
         for parent in list(model.modules()):
             for name, child in parent.named_children():
                 if isinstance(child, nn.BatchNorm2d) and is_frozen(child):
-                    frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+                    frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                    frozen = frozen.to(child.weight.device, child.weight.dtype)
                     frozen.load_state_dict(child.state_dict())
                     setattr(parent, name, frozen)
                     swapped.append((parent, name, child))
@@ -787,8 +1061,10 @@ def frozen_batchnorm(model: nn.Module):
     finally:
         for parent, name, bn in swapped:
             setattr(parent, name, bn)
-        for parent, name, bn, conv, base, original in folded:
-            base.weight, base.bias = original, None
+        for parent, name, bn, conv, base, originals in folded:
+            for attr, original in originals.items():
+                setattr(base, attr, original)
+            base.bias = None
             conv.__dict__.pop("folded_batchnorm_scale", None)
             setattr(parent, name, bn)
 
@@ -931,12 +1207,17 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
                     reduction="batchmean") * temperature ** 2
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of model in eval mode with no trainable parameter: a teacher. Pruning masks are copied too."""
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy, pruning masks included."""
     # torch.nn.utils.prune's `weight` (weight_orig * weight_mask, recomputed before every forward) is not a graph
     # leaf, which deepcopy refuses: the copy starts from a detached stand-in.
     memo = {id(m.weight): m.weight.detach().clone() for m in model.modules() if hasattr(m, "weight_orig")}
-    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+    return copy.deepcopy(model, memo)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of model in eval mode with no trainable parameter: a teacher. Pruning masks are copied too."""
+    return copy_model(model).eval().requires_grad_(False)
 
 
 def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, input_size: int | None,
@@ -1413,8 +1694,10 @@ def add_optim_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, b
                    help="random crop + flip on the batches (default: %(default)s)")
 
 
-def add_prune_args(parser: argparse.ArgumentParser, *, method: str, sparsity: float) -> None:
-    """Flags of the pruning step; method "none" (scripts where pruning is an option) skips it by default."""
+def add_prune_args(parser: argparse.ArgumentParser, *, method: str, sparsity: float,
+                   shrink: bool | None = None) -> None:
+    """Flags of the pruning step; method "none" (scripts where pruning is an option) skips it by default.
+    shrink=True/False also adds --shrink/--no-shrink with that default (scripts that can train shrunk)."""
     g = parser.add_argument_group("pruning")
     g.add_argument("--prune", default=method, choices=(["none"] if method == "none" else []) + PRUNE_METHODS,
                    help="l2-structured: whole filters/rows by L2 norm, per layer; l1-global: single weights by "
@@ -1426,6 +1709,11 @@ def add_prune_args(parser: argparse.ArgumentParser, *, method: str, sparsity: fl
                    help="after pruning, re-estimate BatchNorm statistics on up to "
                         f"{BN_CALIBRATION_IMAGES:,} Dr images; not with --allow-regrowth, whose pruned channels "
                         "would then be scaled by 1/sqrt(eps) as they regrow (default: %(default)s)")
+    if shrink is not None:
+        g.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=shrink,
+                       help="train a physically smaller network: the pruned filters and the inputs they feed "
+                            "removed, their constant outputs kept; the saved model is the usual masked one; "
+                            "l2-structured only (default: %(default)s)")
 
 
 def add_lora_args(parser: argparse.ArgumentParser, *, lora: bool | None = None, train_head: bool = True) -> None:

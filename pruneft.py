@@ -2,6 +2,7 @@
 whole output filters/rows, re-estimate BatchNorm statistics on Dr, then fine-tune all remaining weights on Dr
 with cross-entropy (finetune.py's update). The mask is kept: the saved model is exactly as sparse as right
 after pruning, and the head is never pruned. --allow-regrowth drops the mask first, as the seed code did.
+--shrink trains a physically smaller network with the same outputs (common.shrink_pruned) and writes it back.
 
     python pruneft.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 """
@@ -20,11 +21,12 @@ BATCH_SIZE = 128
 OPTIMIZER = "adam"
 WEIGHT_DECAY = 0.0
 AUGMENT = False
+SHRINK = False  # train without the pruned filters: the same update to rounding, 0.6-0.8x the step time
 
 
 def main():
     parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
-    common.add_prune_args(parser, method=PRUNE, sparsity=SPARSITY)
+    common.add_prune_args(parser, method=PRUNE, sparsity=SPARSITY, shrink=SHRINK)
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
     args = parser.parse_args()
@@ -39,23 +41,28 @@ def main():
     common.print_config(METHOD, vars(args))
     x_retain, y_retain = data.subset("retain")
 
-    # Prune; the dense model's BatchNorm statistics no longer describe the pruned layers, so re-estimate them.
+    # Prune; the dense model's BatchNorm statistics no longer describe the pruned layers, so re-estimate them
+    # (with --shrink on the copy that trains: the same statistics, from a cheaper forward).
     start = time.perf_counter()
     common.prune_model(model, arch.family, args.prune, args.sparsity)
     if args.allow_regrowth:
         common.allow_regrowth(model)
     sparsity_after_pruning = common.sparsity(model, arch.family)
+    # Optionally train a copy without the pruned filters and the inputs they feed (their constant outputs kept).
+    train_model = common.shrink_pruned(model, arch.family) if args.shrink else model
     if args.recalibrate_bn and not args.allow_regrowth:
-        common.recalibrate_batchnorm(model, common.random_subset(x_retain, common.BN_CALIBRATION_IMAGES, gen),
-                                     data.info, arch.input_size)
+        calibration_images = common.random_subset(x_retain, common.BN_CALIBRATION_IMAGES, gen)
+        common.recalibrate_batchnorm(train_model, calibration_images, data.info, arch.input_size)
     prep_time_s = time.perf_counter() - start
 
     # Cross-entropy on Dr, every surviving weight trained (the mask holds the pruned ones at zero).
     retain_batches = common.shuffled_batches(x_retain, y_retain, args.batch_size, gen)
     loss_fn = common.ce_loss(data.info, arch.input_size, args.augment, gen)
-    optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    result = common.train_loop(model, optimizer, args.epochs, retain_batches, loss_fn, device=device, desc=METHOD,
-                               compile_model=args.compile)
+    optimizer = common.make_optimizer(args.optimizer, train_model.parameters(), args.lr, args.weight_decay)
+    result = common.train_loop(train_model, optimizer, args.epochs, retain_batches, loss_fn, device=device,
+                               desc=METHOD, compile_model=args.compile)
+    if args.shrink:
+        common.expand_pruned(model, train_model, arch.family)
 
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
                                   config=vars(args), result=result, overwrite=args.overwrite,

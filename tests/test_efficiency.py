@@ -246,3 +246,142 @@ def test_global_magnitude_pruning_of_a_channels_last_model_equals_torchs_global_
         for name, m in common.prunable_modules(ours, "resnet").items():
             assert torch.equal(m.weight_mask.bool(), dict(reference.named_modules())[name].weight_mask.bool()), name
     assert common.sparsity(ours, "resnet") == pytest.approx(1 - 0.5 * 0.7, abs=1e-3)
+
+
+def _shrinkable(arch: str) -> tuple[nn.Module, str, torch.Tensor, torch.Tensor]:
+    """A structurally pruned float64 model with BatchNorm statistics, scales and shifts unlike the init's (so a
+    pruned channel's constant output is not zero), and a fixed batch. "bottleneck": a ResNet-50-shaped tiny net."""
+    from timm.models.resnet import Bottleneck, ResNet
+    torch.manual_seed(0)
+    info = ARCH_INFO["resnet_tiny" if arch == "bottleneck" else arch]
+    model = (ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, in_chans=1, channels=(8, 16, 32, 64)) if arch == "bottleneck"
+             else common.build_model(arch, info))
+    family = "vit" if arch.startswith("vit") else "resnet"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+            if isinstance(m, nn.Linear):
+                m.bias.normal_(0, 0.5)  # a pruned ViT row outputs its bias
+    model = common.prepare_model(model.double(), torch.device("cpu"))
+    common.prune_model(model, family, "l2-structured", 0.5)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, info.channels, info.size, info.size, generator=gen, dtype=torch.float64)
+    return model, family, x, torch.randint(0, info.num_classes, (8,), generator=gen)
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "bottleneck", "vit_tiny"])
+def test_shrunk_model_computes_and_trains_exactly_as_the_masked_model(arch):
+    """--shrink: the same outputs (train and eval mode), and after a few SGD steps with momentum and weight decay
+    (BatchNorm in train mode: pruned channels' shifts and statistics move too) the expanded model equals the
+    masked model trained alike, to float64 rounding; it is the plain architecture with the same masks."""
+    masked, family, x, y = _shrinkable(arch)
+    small = common.shrink_pruned(masked, family)
+    assert sum(p.numel() for p in small.parameters()) < 0.85 * sum(p.numel() for p in masked.parameters())
+    for mode in (False, True):
+        one, other = common.copy_model(masked).train(mode), common.copy_model(small).train(mode)
+        torch.testing.assert_close(other(x), one(x), atol=1e-10, rtol=1e-10)
+    trained = {}
+    for name, net in (("masked", common.copy_model(masked)), ("shrunk", common.copy_model(small))):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net.train()(x), y).backward()
+            optimizer.step()
+        trained[name] = net
+    expanded = common.expand_pruned(common.copy_model(masked), trained["shrunk"], family)
+    assert common.pruned_modules(expanded) == common.pruned_modules(masked)
+    reference, result = common.plain_state_dict(trained["masked"]), common.plain_state_dict(expanded)
+    assert result.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(result[key], reference[key], atol=1e-8, rtol=1e-8, msg=key)
+    before = common.plain_state_dict(masked)
+    assert sum(not torch.equal(result[k], before[k]) for k in result) > len(result) // 2  # it did train
+    plain = common.build_model("resnet_tiny", ARCH_INFO["resnet_tiny"]) if arch == "resnet_tiny" else None
+    if plain is not None:
+        plain.load_state_dict(result)  # strict: the usual architecture
+        assert common.sparsity(plain, family) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("arch", ["bottleneck", "vit_tiny"])
+def test_shrunk_prunelora_trains_exactly_as_the_masked_prunelora(arch):
+    """PruneLoRA --shrink: given the masked model's adapters (A over the whole input: lora_A_removed holds the
+    columns for the removed constant inputs; B non-zero), the shrunk LoRA model computes the same (frozen
+    BatchNorm folded in too), and after a few Adam steps (dropout 0) merging and expanding give the masked
+    PruneLoRA's merged model, to float64 rounding."""
+    masked, family, x, y = _shrinkable(arch)
+    targets = common.LORA_DEFAULTS[family]["targets"]
+    reference = common.add_lora(common.copy_model(masked), rank=4, alpha=8, dropout=0.0, targets=targets)
+    shrunk = common.add_lora(common.shrink_pruned(masked, family), rank=4, alpha=8, dropout=0.0, targets=targets)
+    rows, inputs = common._shrink_plan(masked, family)
+    with torch.no_grad():
+        for name, m in reference.named_modules():
+            if hasattr(m, "lora_B"):
+                s = shrunk.get_submodule(name)
+                nn.init.normal_(s.lora_B["default"].weight, std=0.1)
+                plain_name = name.removeprefix("base_model.model.")
+                m.lora_B["default"].weight.zero_()[rows.get(plain_name, slice(None))] = s.lora_B["default"].weight
+                a = m.lora_A["default"].weight
+                if plain_name in inputs:
+                    kept, removed = inputs[plain_name][:2]
+                    a[:, kept], a[:, removed] = s.lora_A["default"].weight, s.lora_A_removed["default"]
+                else:
+                    a.copy_(s.lora_A["default"].weight)
+    assert any(hasattr(m, "lora_A_removed") for m in shrunk.modules())
+    for net in (reference, shrunk):
+        common.set_train_mode(net, freeze_bn=True)
+    expected = reference(x)
+    torch.testing.assert_close(shrunk(x), expected, atol=1e-10, rtol=1e-10)
+    with common.frozen_batchnorm(shrunk):  # BatchNorm folded into ShrunkConv2d, removed-input weights scaled
+        torch.testing.assert_close(shrunk(x), expected, atol=1e-10, rtol=1e-10)
+    for net in (reference, shrunk):
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    merged = common.plain_state_dict(common.merge_lora(reference))
+    expanded = common.expand_pruned(common.copy_model(masked), common.merge_lora(shrunk), family)
+    result = common.plain_state_dict(expanded)
+    assert result.keys() == merged.keys()
+    for key in merged:
+        torch.testing.assert_close(result[key], merged[key], atol=1e-8, rtol=1e-8, msg=key)
+    assert common.sparsity(expanded, family) == common.sparsity(masked, family)
+
+
+def test_adapters_on_a_shrunk_layer_are_drawn_as_over_the_whole_input():
+    """peft draws A from kaiming-uniform over the layer's inputs; on a shrunk layer the bound is the whole (kept +
+    removed) input's, for the kept and the removed columns alike, so training starts as the masked model's."""
+    masked, family, _, _ = _shrinkable("bottleneck")
+    torch.manual_seed(3)
+    shrunk = common.add_lora(common.shrink_pruned(masked, family), rank=64, alpha=8, dropout=0.0,
+                             targets=common.LORA_DEFAULTS[family]["targets"])
+    layer = shrunk.get_submodule("base_model.model.layer4.0.conv3")  # 1x1, half of its inputs removed
+    bound = 1 / masked.get_submodule("layer4.0.conv3").in_channels ** 0.5
+    for weight in (layer.lora_A["default"].weight, layer.lora_A_removed["default"]):
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.95 * bound
+
+
+def test_shrink_refuses_a_model_without_structured_masks():
+    model, family, _, _ = _shrinkable("resnet_tiny")
+    common.allow_regrowth(model)
+    with pytest.raises(common.UserError, match="--shrink needs filters that stay pruned"):
+        common.shrink_pruned(model, family)
+
+
+def test_batchnorm_reestimated_on_the_shrunk_model_is_the_masked_models():
+    """The scripts re-estimate BatchNorm on the shrunk copy (a cheaper forward): written back, the statistics are
+    those of the masked model's re-estimation, the pruned channels' (zero inputs) included."""
+    masked, family, _, _ = _shrinkable("bottleneck")
+    masked.float()  # the dtype of normalised images
+    info = ARCH_INFO["resnet_tiny"]
+    x = torch.randint(0, 256, (96, info.channels, info.size, info.size), dtype=torch.uint8)
+    small = common.shrink_pruned(masked, family)
+    common.recalibrate_batchnorm(masked, x, info, None, batch_size=32)
+    common.recalibrate_batchnorm(small, x, info, None, batch_size=32)
+    expanded = common.plain_state_dict(common.expand_pruned(common.copy_model(masked), small, family))
+    reference = common.plain_state_dict(masked)
+    stats = [k for k in reference if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(expanded[key], reference[key], atol=1e-5, rtol=1e-5, msg=key)
