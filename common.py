@@ -512,7 +512,8 @@ class ShrunkConv2d(nn.Conv2d):
         # Two zero images, so a BatchNorm in train mode sees zero batch variance, as the masked model's does.
         return self.act(self.pruned_norm(self.pruned_weight.new_zeros(2, self.pruned_weight.shape[1], 1, 1)))[:1]
 
-    def removed_input_term(self, constants: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def removed_input_term(self, constants: torch.Tensor, weight: torch.Tensor,
+                           size: tuple[int, int]) -> torch.Tensor:
         """What the removed channels' constants add through `weight` (this layer's stride and padding): a map
         (1, out, H', W'), or (1, out, 1, 1) where no padding makes every position alike."""
         field = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
@@ -564,9 +565,7 @@ def _channel_subset(norm: nn.BatchNorm2d, index: torch.Tensor) -> nn.BatchNorm2d
     part = nn.BatchNorm2d(len(index), eps=norm.eps, momentum=norm.momentum, device=norm.weight.device,
                           dtype=norm.weight.dtype)
     with torch.no_grad():
-        for name in ("weight", "bias"):
-            getattr(part, name).copy_(getattr(norm, name)[index])
-        for name in ("running_mean", "running_var"):
+        for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(part, name).copy_(getattr(norm, name)[index])
         part.num_batches_tracked.copy_(norm.num_batches_tracked)
     part.train(norm.training)
@@ -699,6 +698,7 @@ def expand_pruned(model: nn.Module, small: nn.Module, family: str) -> nn.Module:
 
 
 def _write_channels(norm: nn.BatchNorm2d, part: nn.BatchNorm2d, index: torch.Tensor) -> None:
+    """The inverse of _channel_subset: part's parameters and statistics into norm's channels `index`."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(norm, name)[index] = getattr(part, name)
     norm.num_batches_tracked.copy_(part.num_batches_tracked)
