@@ -248,14 +248,20 @@ def test_global_magnitude_pruning_of_a_channels_last_model_equals_torchs_global_
     assert common.sparsity(ours, "resnet") == pytest.approx(1 - 0.5 * 0.7, abs=1e-3)
 
 
+def _architecture(arch: str) -> nn.Module:
+    """A model of `arch`; "bottleneck": a ResNet-50-shaped tiny net (bottleneck blocks) for Fashion-MNIST."""
+    from timm.models.resnet import Bottleneck, ResNet
+    if arch == "bottleneck":
+        return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, in_chans=1, channels=(8, 16, 32, 64))
+    return common.build_model(arch, ARCH_INFO[arch])
+
+
 def _shrinkable(arch: str) -> tuple[nn.Module, str, torch.Tensor, torch.Tensor]:
     """A structurally pruned float64 model with BatchNorm statistics, scales and shifts unlike the init's (so a
-    pruned channel's constant output is not zero), and a fixed batch. "bottleneck": a ResNet-50-shaped tiny net."""
-    from timm.models.resnet import Bottleneck, ResNet
+    pruned channel's constant output is not zero), and a fixed batch."""
     torch.manual_seed(0)
     info = ARCH_INFO["resnet_tiny" if arch == "bottleneck" else arch]
-    model = (ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, in_chans=1, channels=(8, 16, 32, 64)) if arch == "bottleneck"
-             else common.build_model(arch, info))
+    model = _architecture(arch)
     family = "vit" if arch.startswith("vit") else "resnet"
     with torch.no_grad():
         for m in model.modules():
@@ -297,10 +303,9 @@ def test_shrunk_model_computes_and_trains_exactly_as_the_masked_model(arch):
         torch.testing.assert_close(result[key], reference[key], atol=1e-8, rtol=1e-8, msg=key)
     before = common.plain_state_dict(masked)
     assert sum(not torch.equal(result[k], before[k]) for k in result) > len(result) // 2  # it did train
-    plain = common.build_model("resnet_tiny", ARCH_INFO["resnet_tiny"]) if arch == "resnet_tiny" else None
-    if plain is not None:
-        plain.load_state_dict(result)  # strict: the usual architecture
-        assert common.sparsity(plain, family) == pytest.approx(0.5, abs=0.01)
+    plain = _architecture(arch).double()
+    plain.load_state_dict(result)  # strict: the usual architecture
+    assert common.sparsity(plain, family) == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("arch", ["bottleneck", "vit_tiny"])
