@@ -14,8 +14,8 @@
    (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the same figure on
    CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
    and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with
-   --shrink (pruneft-shrink, loraprune-shrink: trained on common.shrink_pruned's smaller network). Each configuration runs in its own
-   process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
+   --shrink (pruneft-shrink, loraprune-shrink: trained on common.shrink_pruned's smaller network). Each
+   configuration runs in its own process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
    scripts' sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
    paper's dropout 0.1, whose mask is drawn over every adapted layer's full-size input.
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,

@@ -671,9 +671,10 @@ def expand_pruned(model: nn.Module, small: nn.Module, family: str) -> nn.Module:
     the pruned model it came from; the pruned rows stay masked. Returns the model."""
     rows, inputs = _shrink_plan(model, family)
     norms = {norm for _, _, norm, _, _ in inputs.values() if norm is not None}
+    shrunk = {*rows, *inputs, *norms}
     small_state = small.state_dict()
     for key, value in model.state_dict(keep_vars=True).items():  # every layer that was not shrunk, as it is
-        if key.rpartition(".")[0] not in {*rows, *inputs, *norms}:
+        if key.rpartition(".")[0] not in shrunk:
             value.copy_(small_state[key])
     for name in {*rows, *inputs}:
         layer, part = model.get_submodule(name), small.get_submodule(name)
