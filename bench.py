@@ -10,9 +10,9 @@
    interleaved passes each. Goal: ratio >= 0.9.
 2. Cost of FT, Prune+FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data,
    at batch 32 and 128, with each script's own defaults and steps (pruning, LoRA, common.train_loop):
-   seconds per step over --steps steady-state steps (one warm-up step first, not timed), activation memory
-   (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the same figure on
-   CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
+   seconds per step (the median of --steps steady-state steps, each timed; one warm-up step first, not timed),
+   activation memory (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the
+   same figure on CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
    and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with
    --shrink (pruneft-shrink, loraprune-shrink: trained on common.shrink_pruned's smaller network). Each
    configuration runs in its own process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,7 +143,7 @@ def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Modul
 
 def train_method(model, method: str, data: common.Data, device: torch.device, *, batch_size: int,
                  step_limits: tuple[int, ...] | None = None, compile_model: bool = False,
-                 measure_activations: bool = False) -> common.TrainResult:
+                 measure_activations: bool = False, after_epoch=None) -> common.TrainResult:
     """The method script's training loop: cross-entropy on Dr with its optimiser, BatchNorm frozen with LoRA.
 
     step_limits: epochs of at most these many steps each (default: the script's EPOCHS whole passes)."""
@@ -157,23 +158,31 @@ def train_method(model, method: str, data: common.Data, device: torch.device, *,
     optimizer = common.make_optimizer(script.OPTIMIZER, model.parameters(), script.LR, script.WEIGHT_DECAY)
     return common.train_loop(model, optimizer, epochs, epoch_batches,
                              common.ce_loss(data.info, None, script.AUGMENT, gen), device=device, desc=method,
-                             freeze_bn=adapts, compile_model=compile_model, measure_activations=measure_activations)
+                             freeze_bn=adapts, compile_model=compile_model, measure_activations=measure_activations,
+                             after_epoch=after_epoch)
 
 
 def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
                 fp32: bool = False, compile_model: bool = False) -> dict:
     """Steady-state training steps of one PruneLoRA method: one warm-up step (torch.compile's compilation
-    included, with compile_model; activations counted without it), then `steps` timed ones."""
+    included, with compile_model; activations counted without it), then `steps` timed ones, each timed on its
+    own; their median is the step time (robust to a background burst on a shared machine)."""
     data = class_forgetting_data(device)
     sync(device)
     start = time.perf_counter()
     model = method_model(arch, method, device)
     sync(device)
     prep_s = time.perf_counter() - start
-    # "Epoch" 1 = the warm-up step (allocation, kernel selection), "epoch" 2 = the timed steps.
-    result = train_method(model, method, data, device, batch_size=batch_size, step_limits=(1, steps),
-                          compile_model=compile_model, measure_activations=not compile_model)
-    step_s = (result.history[1]["time_s"] - result.history[0]["time_s"]) / steps
+    clock = []
+
+    def step_done(epoch: int) -> dict:
+        sync(device)
+        clock.append(time.perf_counter())
+        return {}
+    # One "epoch" per step: the first the warm-up (allocation, kernel selection), then the timed ones.
+    result = train_method(model, method, data, device, batch_size=batch_size, step_limits=(1,) * (steps + 1),
+                          compile_model=compile_model, measure_activations=not compile_model, after_epoch=step_done)
+    step_s = statistics.median(later - earlier for earlier, later in itertools.pairwise(clock))
     trainable, total = common.count_params(model)
     return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
                 precision=precision(device, fp32, compile_model), timed_steps=steps, step_s=round(step_s, 4),
@@ -234,9 +243,9 @@ def markdown(figures: dict) -> str:
              f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw step "
              f"{lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
              "(goal >= 0.9).", "",
-             "Per-method cost, 32 px. s/step over the timed steps; activations = bytes autograd keeps for backward "
-             "in one training forward (the same on any device); x FT = ratio to FT at the same arch, batch and "
-             f"precision; prep = pruning and adapters before the first step; epoch time EXTRAPOLATED to "
+             "Per-method cost, 32 px. s/step = median of the timed steps; activations = bytes autograd keeps for "
+             "backward in one training forward (the same on any device); x FT = ratio to FT at the same arch, batch "
+             f"and precision; prep = pruning and adapters before the first step; epoch time EXTRAPOLATED to "
              f"{DR_IMAGES:,} images:", "",
              "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
              "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",

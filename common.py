@@ -728,9 +728,13 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 #   and a second full convolution. A BatchNorm folded into the frozen convolution (frozen_batchnorm) scales
 #   B's rows the same way.
 # - dropout: peft keeps the dropped copy of every adapted input for A's backward (float, twice) and draws it
-#   with torch's Bernoulli sampler, which costs more than the adapters themselves on a CPU. Here the keep mask is
-#   drawn from 16 random bits per element (lora_keep_mask), only that mask is stored (one byte per element),
-#   and A(dropout(x)) is recomputed in backward from x, which the network keeps anyway.
+#   with torch's Bernoulli sampler, which costs more than the adapters themselves on a CPU. Here the mask is
+#   drawn from 16 random bits per element (lora_drop_mask), only that mask is stored (one byte per element),
+#   and backward rebuilds the dropped input from x, which the network keeps anyway (_LowRank).
+# - inputs rebuilt in backward: A's weight gradient needs A's input. Where that is a LayerNorm's or a GELU's
+#   output (ViT's qkv, fc1, fc2), A keeps the module's input, which the network keeps anyway, and reruns the
+#   module in backward (_mark_rebuildable): a ViT-S LoRA step keeps a third less (the GELU's 4x-wide output
+#   above all) for 1.5% more work.
 
 def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """m if the pruning mask keeps or zeroes whole output rows/filters (mask = m 1^T), else None."""
@@ -739,27 +743,74 @@ def output_row_mask(mask: torch.Tensor) -> torch.Tensor | None:
     return kept if torch.equal(kept, rows.any(dim=1)) else None
 
 
-def lora_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A dropout keep mask shaped and laid out like x: each element kept with probability 1 - p, p rounded to a
-    multiple of 2**-16 (at most 8e-6 off). Four elements per 64-bit draw of the global generator: a quarter of
-    the draws of torch's Bernoulli sampler, which took a fifth of a ResNet-50 LoRA training step on a CPU."""
-    keep = torch.empty_like(x, dtype=torch.bool)  # x's memory layout (channels_last too), so masking streams
-    words = torch.empty((keep.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-    bits = words.view(torch.int16)[: keep.numel()]  # uniform on [-2**15, 2**15)
-    torch.ge(bits, round(p * 2**16) - 2**15, out=keep.as_strided((keep.numel(),), (1,)))
-    return keep
+def lora_drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask shaped and laid out like x, True where an element is dropped: each with probability p,
+    p rounded to a multiple of 2**-16 (at most 8e-6 off). Four elements per 64-bit draw of the global generator:
+    a quarter of the draws of torch's Bernoulli sampler, which took a fifth of a ResNet-50 LoRA training step
+    on a CPU."""
+    drop = torch.empty_like(x, dtype=torch.bool)  # x's memory layout (channels_last too), so masking streams
+    words = torch.empty((drop.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    bits = words.view(torch.int16)[: drop.numel()]  # uniform on [-2**15, 2**15)
+    torch.lt(bits, round(p * 2**16) - 2**15, out=drop.as_strided((drop.numel(),), (1,)))
+    return drop
 
 
-def _dropout_then(dropout: nn.Module, fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """fn(dropout(x)) for a linear, bias-free fn (LoRA's A); in training only the keep mask (bool) is stored and
-    the dropped copy is rebuilt in backward. The 1 / (1 - p) rescaling is applied to fn's small output."""
-    if isinstance(dropout, nn.Identity) or not dropout.training or not torch.is_grad_enabled():
-        return fn(dropout(x))
-    keep = lora_keep_mask(x, dropout.p)
-    # where(), not a multiply by the mask: no float copy of the mask, a third less memory traffic.
-    hidden = torch.utils.checkpoint.checkpoint(lambda inp, kept: fn(torch.where(kept, inp, 0.0)), x, keep,
-                                               use_reentrant=False)
-    return hidden * (1.0 / (1.0 - dropout.p))
+def _mark_rebuildable(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook of a LayerNorm or GELU: its output remembers how to rebuild itself (the module, its input,
+    and the output's version, which an in-place change would bump)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # compiled graphs rematerialise on their own
+        output.rebuilt_by = (module, args[0], output._version)
+
+
+class _LowRank(torch.autograd.Function):
+    """LoRA's A (a bias-free conv or linear) on its input x, with dropout's elements `drop` zeroed if drop is
+    given. For backward it keeps only what rebuilds that input: the one-byte mask, and x itself, or, where x is
+    a LayerNorm's or GELU's fresh output (_mark_rebuildable), that module's input, which the network keeps
+    anyway. Backward rebuilds the input once and gets both of A's gradients from one call (no recomputed A
+    forward, as torch.utils.checkpoint would run)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, drop, source, rebuild, conv_args):
+        ctx.rebuild, ctx.conv_args = rebuild, conv_args  # conv_args: (stride, padding, dilation, groups); None: linear
+        ctx.save_for_backward(weight, drop, x if rebuild is None else source)
+        dropped = x if drop is None else torch.where(drop, 0.0, x)
+        return F.linear(dropped, weight) if conv_args is None else F.conv2d(dropped, weight, None, *conv_args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, drop, kept = ctx.saved_tensors
+        x = kept if ctx.rebuild is None else ctx.rebuild(kept)
+        dropped = (x if drop is None else torch.where(drop, 0.0, x)).to(grad.dtype)  # forward may have autocast
+        if ctx.conv_args is None:
+            grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+        else:
+            stride, padding, dilation, groups = ctx.conv_args
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, dropped, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+                [ctx.needs_input_grad[0], True, False])
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+            if drop is not None:
+                grad_x.masked_fill_(drop, 0.0)
+        return grad_x, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _down_projection(down: nn.Module, dropout: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """down(dropout(x)) for LoRA's A, through _LowRank when training needs a dropout mask or x is rebuildable.
+    The dropout's 1 / (1 - p) rescaling is applied to A's small output."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    rebuild = source = None
+    if not torch.compiler.is_compiling():  # compiled graphs rematerialise on their own
+        rebuild, source, version = getattr(x, "rebuilt_by", (None, None, None))
+        if version != x._version:
+            rebuild = source = None  # changed in place since: not the module's output any more
+    if not torch.is_grad_enabled() or not down.weight.requires_grad or (p == 0 and rebuild is None):
+        return down(dropout(x))
+    conv_args = (down.stride, down.padding, down.dilation, down.groups) if isinstance(down, nn.Conv2d) else None
+    drop = lora_drop_mask(x, p) if p else None
+    hidden = _LowRank.apply(x, down.weight, drop, source, rebuild, conv_args)
+    return hidden * (1.0 / (1.0 - p)) if p else hidden
 
 
 def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -775,7 +826,8 @@ def _per_row(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _plus_low_rank(result: torch.Tensor, up: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """result + up(hidden) with up's weight replaced by `weight` (B). For a linear B, one addmm over the tokens:
     the sum is written once, not B's full-size output first and then the sum. (For a convolution's B, the same
-    over a channels_last map measured slower on CPU than the convolution and the add.)"""
+    over a channels_last map, in place into result or not, measured no faster on CPU than the convolution and
+    the add.)"""
     if isinstance(up, nn.Linear) and result.is_contiguous() and hidden.is_contiguous() and hidden.dtype == result.dtype:
         summed = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight.t())
         return summed.view(result.shape)
@@ -799,7 +851,7 @@ def _lean_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
                 delta = delta * _per_row(folded_scale, delta)
             result = result + _with_weight(layer.base_layer, dropout(x).to(result.dtype), delta.to(result.dtype))
             continue
-        hidden = _dropout_then(dropout, layer.lora_A[name], x)
+        hidden = _down_projection(layer.lora_A[name], dropout, x)
         if name in removed_inputs:  # constants: with dropout, their expectation enters
             term = layer.base_layer.removed_input_term(constants, removed_inputs[name], x.shape[-2:])
             hidden = hidden + term.to(hidden.dtype)
@@ -819,7 +871,8 @@ def _lora_layer_classes():
         class Lean(cls):
             def uses_lean_forward(self) -> bool:
                 return not (self.disable_adapters or self.merged or self.lora_variant
-                            or any(up.bias is not None for up in self.lora_B.values()))
+                            or any(up.bias is not None for up in self.lora_B.values())
+                            or any(isinstance(getattr(down, "padding", 0), str) for down in self.lora_A.values()))
 
             def forward(self, x, *args, **kwargs):
                 if args or kwargs or not self.uses_lean_forward():
@@ -831,9 +884,9 @@ def _lora_layer_classes():
     return {nn.Conv2d: lean(lora_layer.Conv2d), nn.Linear: lean(lora_layer.Linear)}
 
 
-# Dr images whose statistics replace the dense model's after pruning. On the demo's pruned model, 2,048 images
-# give the validation accuracy of the whole Dr (10,817) within 0.1 point over four draws (RESULTS.md, cost);
-# on a CPU a ResNet-50 forward over 10,000 would cost more than a short unlearning run.
+# Dr images whose statistics replace the dense model's after pruning (--calibration-images). On the demo's
+# pruned model, 2,048 images give the validation accuracy of the whole Dr (10,817) within 0.1 point over four
+# draws (RESULTS.md, cost); on a CPU a ResNet-50 forward over 10,000 would cost more than a short unlearning run.
 BN_CALIBRATION_IMAGES = 2_048
 
 LORA_DEFAULTS = {  # the PruneLoRA paper's settings (arXiv 2411.11907, Sec. 3)
@@ -868,6 +921,8 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targe
         if getattr(getattr(m, "base_layer", None), "pruned_weight", None) is not None and hasattr(m, "lora_A"):
             _adapt_removed_inputs(m)
     fold_frozen_masks(peft_model)
+    peft_model.rebuild_hooks = [m.register_forward_hook(_mark_rebuildable) for m in peft_model.modules()
+                                if isinstance(m, (nn.LayerNorm, nn.GELU))]
     return peft_model
 
 
@@ -921,6 +976,8 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
         for m in peft_model.modules():
             if hasattr(m, "lora_A_removed"):
                 _merge_removed_inputs(m)
+    for hook in peft_model.rebuild_hooks:
+        hook.remove()
     model = peft_model.merge_and_unload()
     apply_masks(model, masks)
     return model
@@ -1085,7 +1142,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, info: DatasetInfo, 
     model.train()
     device = next(model.parameters()).device
     for start in range(0, len(x), batch_size):
-        with autocast(device):
+        with torch.no_grad(), autocast(device):
             model(normalize(x[start:start + batch_size], info, input_size))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -1707,9 +1764,10 @@ def add_prune_args(parser: argparse.ArgumentParser, *, method: str, sparsity: fl
     g.add_argument("--allow-regrowth", action="store_true",
                    help="drop the pruning masks before the update, as the seed code did (pruned weights regrow)")
     g.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="after pruning, re-estimate BatchNorm statistics on up to "
-                        f"{BN_CALIBRATION_IMAGES:,} Dr images; not with --allow-regrowth, whose pruned channels "
-                        "would then be scaled by 1/sqrt(eps) as they regrow (default: %(default)s)")
+                   help="after pruning, re-estimate BatchNorm statistics on Dr; not with --allow-regrowth, whose "
+                        "pruned channels would then be scaled by 1/sqrt(eps) as they regrow (default: %(default)s)")
+    g.add_argument("--calibration-images", type=positive_int, default=BN_CALIBRATION_IMAGES,
+                   help="Dr images (at most) for that re-estimation, a forward over them (default: %(default)s)")
     if shrink is not None:
         g.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=shrink,
                        help="train a physically smaller network: the pruned filters and the inputs they feed "

@@ -59,7 +59,7 @@ def main():
     # 3. The dense model's BatchNorm statistics no longer describe the pruned layers, and frozen BatchNorm would
     #    never correct them: re-estimate them on Dr (on the shrunk copy: the same statistics, a cheaper forward).
     if args.recalibrate_bn and not args.allow_regrowth:
-        calibration_images = common.random_subset(x_retain, common.BN_CALIBRATION_IMAGES, gen)
+        calibration_images = common.random_subset(x_retain, args.calibration_images, gen)
         common.recalibrate_batchnorm(train_model, calibration_images, data.info, arch.input_size)
     # 4. Freeze the pruned model; add adapters (B = 0: its function is unchanged) and unfreeze the head.
     train_model = common.add_lora(train_model, **lora, train_head=args.lora_head)

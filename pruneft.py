@@ -51,7 +51,7 @@ def main():
     # Optionally train a copy without the pruned filters and the inputs they feed (their constant outputs kept).
     train_model = common.shrink_pruned(model, arch.family) if args.shrink else model
     if args.recalibrate_bn and not args.allow_regrowth:
-        calibration_images = common.random_subset(x_retain, common.BN_CALIBRATION_IMAGES, gen)
+        calibration_images = common.random_subset(x_retain, args.calibration_images, gen)
         common.recalibrate_batchnorm(train_model, calibration_images, data.info, arch.input_size)
     prep_time_s = time.perf_counter() - start
 

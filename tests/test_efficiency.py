@@ -22,24 +22,24 @@ def _model(arch: str) -> nn.Module:
 
 
 class SharedDropoutMasks(nn.Dropout):
-    """Dropout whose keep masks come, in call order, from one seeded generator; also stands in for
-    common.lora_keep_mask. Two paths that draw their masks in the same order then drop the same elements, however
+    """Dropout whose masks come, in call order, from one seeded generator; also stands in for
+    common.lora_drop_mask. Two paths that draw their masks in the same order then drop the same elements, however
     differently each samples its own (peft: torch's Bernoulli; the lean path: 16 random bits per element)."""
     def __init__(self, p: float):
         super().__init__(p)
         self.gen = torch.Generator().manual_seed(2)
 
-    def keep_mask(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        return torch.rand(x.shape, generator=self.gen) >= p
+    def drop_mask(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return torch.rand(x.shape, generator=self.gen) < p
 
     def forward(self, x):
-        return x * self.keep_mask(x, self.p) / (1 - self.p) if self.training else x
+        return x * ~self.drop_mask(x, self.p) / (1 - self.p) if self.training else x
 
 
 def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
                     steps: int = 3) -> dict[str, torch.Tensor]:
     """Prune, add LoRA, take a few Adam steps on fixed random batches (seeded), merge; the plain state dict.
-    With dropout, every adapter's keep masks (peft's dropout modules and common.lora_keep_mask alike) come from
+    With dropout, every adapter's dropout masks (peft's dropout modules and common.lora_drop_mask alike) come from
     a fresh SharedDropoutMasks, so every call drops the same elements."""
     family = common.ARCHS[arch].family
     model = _model(arch)
@@ -48,7 +48,7 @@ def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
     model = common.add_lora(model, rank=4, alpha=8, dropout=dropout, targets=common.LORA_DEFAULTS[family]["targets"])
     if dropout:
         masks = SharedDropoutMasks(dropout)
-        monkeypatch.setattr(common, "lora_keep_mask", masks.keep_mask)
+        monkeypatch.setattr(common, "lora_drop_mask", masks.drop_mask)
         for m in model.modules():
             if hasattr(m, "lora_dropout"):
                 m.lora_dropout["default"] = masks
@@ -69,7 +69,7 @@ def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout, monkeypatch):
     # The same dropped elements in both (SharedDropoutMasks): the lean path draws each mask once in forward, as
-    # peft does, and keeps it for backward's recomputation of the dropped input.
+    # peft does, and keeps it for backward's rebuilding of the dropped input.
     lean = _trained_merged(arch, "none", dropout, monkeypatch)
     monkeypatch.setattr(common, "_lora_layer_classes", lambda: {})  # peft's own LoRA layers
     plain = _trained_merged(arch, "none", dropout, monkeypatch)
@@ -102,7 +102,7 @@ def test_output_row_mask_tells_structured_from_unstructured_masks():
 
 
 def test_dropout_keeps_only_a_bool_mask_of_the_adapted_input():
-    """Dropout 0.1 adds to the saved-for-backward bytes one byte per adapted input element (the keep mask),
+    """Dropout 0.1 adds to the saved-for-backward bytes one byte per adapted input element (the drop mask),
     where peft keeps two float copies (eight bytes)."""
     x = torch.randn(8, 1, 28, 28)
 
@@ -120,6 +120,68 @@ def test_dropout_keeps_only_a_bool_mask_of_the_adapted_input():
     with_dropout, adapted_elements = saved_and_input_elements(0.1)
     without, _ = saved_and_input_elements(0.0)
     assert adapted_elements > 0 and with_dropout - without == adapted_elements
+
+
+def test_adapters_on_layernorm_and_gelu_outputs_keep_their_inputs_and_rebuild_them_in_backward():
+    """ViT's qkv and fc1 read a LayerNorm's output, fc2 a GELU's: their adapters keep the LayerNorm's or GELU's
+    input, which the network keeps anyway, and rerun it in backward. The same gradients as when they keep the
+    outputs; less kept by exactly those outputs' bytes; no hook left after merging."""
+    torch.manual_seed(0)
+    model = common.add_lora(_model("vit_tiny"), rank=4, alpha=8, dropout=0.0,
+                            targets=common.LORA_DEFAULTS["vit"]["targets"])
+    common.set_train_mode(model, freeze_bn=True)
+    x = torch.randn(4, 3, 32, 32)
+    outputs = []  # the LayerNorm and GELU outputs an adapter reads
+
+    def remember_rebuildable(module, args):
+        if hasattr(args[0], "rebuilt_by"):
+            outputs.append(args[0])
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.register_forward_pre_hook(remember_rebuildable)
+
+    def saved_and_gradients():
+        model.zero_grad(set_to_none=True)
+        out, saved = common.saved_activation_bytes(model, lambda m: m(x))
+        out.square().sum().backward()
+        return saved, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    rebuilt_saved, rebuilt_grads = saved_and_gradients()
+    blocks = len(model.base_model.model.blocks)
+    assert len(outputs) == 3 * blocks  # qkv, fc1 and fc2 of every block
+    # Block 0's first LayerNorm reads the frozen patch embedding, which needs no gradient and which the network
+    # so does not keep: that adapter keeps the embedding instead of the LayerNorm's output, as many bytes.
+    output_bytes = sum(t.numel() * t.element_size() for t in outputs if t.rebuilt_by[1].requires_grad)
+    for hook in model.rebuild_hooks:
+        hook.remove()
+    kept_saved, kept_grads = saved_and_gradients()
+    assert kept_saved - rebuilt_saved == output_bytes
+    for name, grad in kept_grads.items():
+        torch.testing.assert_close(rebuilt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    model.rebuild_hooks = []
+    merged = common.merge_lora(model)
+    assert not any(m._forward_hooks for m in merged.modules())
+
+
+def test_an_output_changed_in_place_after_its_layernorm_is_not_rebuilt(monkeypatch):
+    class AddOneInPlace(nn.Module):
+        def forward(self, x):
+            return x.add_(1.0)
+
+    def gradients():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), AddOneInPlace(), nn.Linear(8, 4))
+        model = common.add_lora(net, rank=2, alpha=4, dropout=0.0, targets="3", train_head=False)
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                nn.init.normal_(m.lora_B["default"].weight)
+        model(torch.randn(5, 6, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    lean = gradients()
+    monkeypatch.setattr(common, "_lora_layer_classes", lambda: {})  # peft's own LoRA layers
+    plain = gradients()
+    assert lean.keys() == plain.keys()
+    for name in lean:
+        torch.testing.assert_close(lean[name], plain[name], msg=name)
 
 
 @pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18", "resnet50"])
@@ -180,10 +242,10 @@ def test_frozen_batchnorm_without_a_frozen_convolution_before_it_runs_as_frozen_
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_keep_mask_keeps_one_minus_p_in_the_input_layout_and_draws_anew():
+def test_lora_drop_mask_keeps_one_minus_p_in_the_input_layout_and_draws_anew():
     x = torch.randn(64, 32, 16, 16).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    first, second = common.lora_keep_mask(x, 0.1), common.lora_keep_mask(x, 0.1)
+    first, second = ~common.lora_drop_mask(x, 0.1), ~common.lora_drop_mask(x, 0.1)
     assert first.shape == x.shape and first.dtype == torch.bool and first.stride() == x.stride()
     n = x.numel()
     for keep in (first, second):  # the kept fraction within 5 standard deviations of 0.9
