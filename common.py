@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -757,9 +758,10 @@ def lora_drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def _mark_rebuildable(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Forward hook of a LayerNorm or GELU: its output remembers how to rebuild itself (the module, its input,
-    and the output's version, which an in-place change would bump)."""
+    and the output's version, which an in-place change would bump). The input by weak reference: the mark
+    keeps nothing alive that the network would have freed."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # compiled graphs rematerialise on their own
-        output.rebuilt_by = (module, args[0], output._version)
+        output.rebuilt_by = (module, weakref.ref(args[0]), output._version)
 
 
 class _LowRank(torch.autograd.Function):
@@ -801,10 +803,11 @@ def _down_projection(down: nn.Module, dropout: nn.Module, x: torch.Tensor) -> to
     The dropout's 1 / (1 - p) rescaling is applied to A's small output."""
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     rebuild = source = None
-    if not torch.compiler.is_compiling():  # compiled graphs rematerialise on their own
-        rebuild, source, version = getattr(x, "rebuilt_by", (None, None, None))
-        if version != x._version:
-            rebuild = source = None  # changed in place since: not the module's output any more
+    if not torch.compiler.is_compiling() and hasattr(x, "rebuilt_by"):  # compiled graphs rematerialise on their own
+        rebuild, source_ref, version = x.rebuilt_by
+        source = source_ref()
+        if source is None or version != x._version:  # freed, or x changed in place since: not rebuildable
+            rebuild = source = None
     if not torch.is_grad_enabled() or not down.weight.requires_grad or (p == 0 and rebuild is None):
         return down(dropout(x))
     conv_args = (down.stride, down.padding, down.dilation, down.groups) if isinstance(down, nn.Conv2d) else None
@@ -976,7 +979,7 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
         for m in peft_model.modules():
             if hasattr(m, "lora_A_removed"):
                 _merge_removed_inputs(m)
-    for hook in peft_model.rebuild_hooks:
+    for hook in getattr(peft_model, "rebuild_hooks", ()):
         hook.remove()
     model = peft_model.merge_and_unload()
     apply_masks(model, masks)

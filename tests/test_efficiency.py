@@ -134,8 +134,8 @@ def test_adapters_on_layernorm_and_gelu_outputs_keep_their_inputs_and_rebuild_th
     outputs = []  # the LayerNorm and GELU outputs an adapter reads
 
     def remember_rebuildable(module, args):
-        if hasattr(args[0], "rebuilt_by"):
-            outputs.append(args[0])
+        if hasattr(args[0], "rebuilt_by"):  # the output, and whether the network keeps its source for backward
+            outputs.append((args[0], args[0].rebuilt_by[1]().requires_grad))
     for m in model.modules():
         if hasattr(m, "lora_A"):
             m.register_forward_pre_hook(remember_rebuildable)
@@ -150,7 +150,7 @@ def test_adapters_on_layernorm_and_gelu_outputs_keep_their_inputs_and_rebuild_th
     assert len(outputs) == 3 * blocks  # qkv, fc1 and fc2 of every block
     # Block 0's first LayerNorm reads the frozen patch embedding, which needs no gradient and which the network
     # so does not keep: that adapter keeps the embedding instead of the LayerNorm's output, as many bytes.
-    output_bytes = sum(t.numel() * t.element_size() for t in outputs if t.rebuilt_by[1].requires_grad)
+    output_bytes = sum(t.numel() * t.element_size() for t, source_kept in outputs if source_kept)
     for hook in model.rebuild_hooks:
         hook.remove()
     kept_saved, kept_grads = saved_and_gradients()
