@@ -26,6 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
 import common
+import pretrain
 
 SVC_C = 3.0  # Unlearn-Sparse MIA-efficacy attacker: SVC(C=3, gamma='auto', kernel='rbf')
 MIA_DRAWS = 5  # draws of the attack's shadow members; draw 0 is the Unlearn-Sparse protocol exactly
@@ -182,8 +183,7 @@ def check_compatible(metas: dict[str, dict]) -> dict:
 
 
 # The pretraining recipe: a Retrain is a reference only if it was trained exactly as the original was.
-RECIPE_KEYS = ("arch", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps",
-               "grad_clip", "mixup", "label_smoothing", "augment")
+RECIPE_KEYS = ("arch", *pretrain.RECIPE_KEYS)
 RECIPE_DEFAULTS = dict(label_smoothing=0.0)  # sidecars written before the key existed trained without it
 
 

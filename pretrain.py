@@ -40,6 +40,13 @@ RECIPES = {
                      epochs=5, batch_size=128, grad_clip=1.0),
 }
 RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, label_smoothing=0.0, augment=True)
+RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "grad_clip",
+               "mixup", "label_smoothing", "augment")
+
+
+def recipe_of(config: dict) -> dict:
+    """The training recipe's settings (train_recipe's keyword arguments) out of a run's config."""
+    return {key: config[key] for key in RECIPE_KEYS}
 
 
 def parse_args():
@@ -96,51 +103,53 @@ def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
     return Mixup(mixup_alpha=alpha, num_classes=num_classes, label_smoothing=label_smoothing)
 
 
-def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch: int = 0,
-                 stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
-    """Train with the recipe in args on the training split (or Dr with args.retrain), validating each epoch.
+def train_recipe(model, data: common.Data, device, *, arch: str, retrain: bool, seed: int, epochs: int,
+                 batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str, warmup_steps: int,
+                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_model: bool, desc: str,
+                 start_epoch: int = 0, stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
+    """Train with the recipe on the training split (or Dr with retrain), validating each epoch.
 
     Runs epochs start_epoch..stop_epoch-1 of the full run's schedule (default: all of them); prune.py
     replays the run up to its rewind epoch (stop_epoch) and retrains from there (start_epoch). shard=(rank, world
     size) under torchrun: DistributedDataParallel, each process on its part of every batch (common.batches), and
     each epoch's history says how many examples the world saw exactly once (all of them, bar drop_last's rest)."""
-    info, input_size = data.info, common.ARCHS[args.arch].input_size
-    x_fit, y_fit = data.subset("retain" if args.retrain else "train")
+    info, input_size = data.info, common.ARCHS[arch].input_size
+    x_fit, y_fit = data.subset("retain" if retrain else "train")
     # Retrain never sees the forgotten class, so it is validated on the retained classes only.
     x_val, y_val = data.subset("val")
-    if args.retrain and data.forget_class is not None:
+    if retrain and data.forget_class is not None:
         keep = y_val != data.forget_class
         x_val, y_val = x_val[keep], y_val[keep]
 
-    optimizer = common.make_optimizer(args.optimizer, param_groups(model, args.weight_decay, args.optimizer == "adamw"),
-                                      args.lr, args.weight_decay)
-    steps_per_epoch = len(x_fit) // args.batch_size
-    scheduler = common.make_scheduler(args.schedule, optimizer, args.epochs * steps_per_epoch, args.warmup_steps,
+    optim = common.make_optimizer(optimizer, param_groups(model, weight_decay, optimizer == "adamw"), lr,
+                                  weight_decay)
+    steps_per_epoch = len(x_fit) // batch_size
+    scheduler = common.make_scheduler(schedule, optim, epochs * steps_per_epoch, warmup_steps,
                                       start_step=start_epoch * steps_per_epoch)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     rank, world = shard
     trained, augment_gen, seen = model, gen, None
-    if args.batch_size % world:
-        raise common.UserError(f"--batch-size {args.batch_size} must split evenly over {world} processes")
+    if batch_size % world:
+        raise common.UserError(f"--batch-size {batch_size} must split evenly over {world} processes")
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
         # The batch order must be the same in every process; the augmentation must not (else the processes'
         # images of one step would share their crops and flips).
-        augment_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * (rank + 1))
+        augment_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * (rank + 1))
         seen = torch.zeros(len(x_fit), dtype=torch.long, device=device)
 
-    mixup = make_mixup(args.mixup, info.num_classes, args.label_smoothing) if args.mixup else None
+    batch_mixup = make_mixup(mixup, info.num_classes, label_smoothing) if mixup else None
 
     def loss_fn(model, batch):
         x, y = batch
-        if args.augment:
+        if augment:
             x = common.augment(x, info, augment_gen)
         x = common.normalize(x, info, input_size)
-        if mixup is not None:
-            x, soft = mixup(x, y)
+        if batch_mixup is not None:
+            x, soft = batch_mixup(x, y)
             return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
     def after_epoch(epoch):
         record = {}
@@ -153,11 +162,11 @@ def train_recipe(model, args, data: common.Data, device, desc: str, start_epoch:
         return record
 
     return common.train_loop(
-        trained, optimizer, (stop_epoch or args.epochs) - start_epoch,
-        lambda epoch: common.batches(x_fit, y_fit, args.batch_size, shuffle=True, gen=gen, drop_last=True,
+        trained, optim, (stop_epoch or epochs) - start_epoch,
+        lambda epoch: common.batches(x_fit, y_fit, batch_size, shuffle=True, gen=gen, drop_last=True,
                                      shard=shard, seen=seen),
-        loss_fn, device=device, scheduler=scheduler, grad_clip=args.grad_clip, after_epoch=after_epoch, desc=desc,
-        compile_model=args.compile)
+        loss_fn, device=device, scheduler=scheduler, grad_clip=grad_clip, after_epoch=after_epoch, desc=desc,
+        compile_model=compile_model)
 
 
 def mask_of(path: str, arch: str, data: common.Data) -> dict:
@@ -172,16 +181,16 @@ def mask_of(path: str, arch: str, data: common.Data) -> dict:
     return {name: m.weight_mask for name, m in source.named_modules() if hasattr(m, "weight_mask")}
 
 
-def fit_accuracy(model, args, data: common.Data) -> float:
+def fit_accuracy(model, data: common.Data, *, arch: str, retrain: bool) -> float:
     """Accuracy on the images the model was trained on (eval mode, no augmentation): has it converged?"""
-    x_fit, y_fit = data.subset("retain" if args.retrain else "train")
-    return common.accuracy(common.predict(model, x_fit, data.info, common.ARCHS[args.arch].input_size), y_fit)
+    x_fit, y_fit = data.subset("retain" if retrain else "train")
+    return common.accuracy(common.predict(model, x_fit, data.info, common.ARCHS[arch].input_size), y_fit)
 
 
-def test_accuracy(model, args, data: common.Data) -> float:
+def test_accuracy(model, data: common.Data, *, arch: str) -> float:
     """Accuracy on the test set's retained part, for the report only (never for selection)."""
     x_test, y_test = data.subset("test_retain")
-    return common.accuracy(common.predict(model, x_test, data.info, common.ARCHS[args.arch].input_size), y_test)
+    return common.accuracy(common.predict(model, x_test, data.info, common.ARCHS[arch].input_size), y_test)
 
 
 def main():
@@ -205,15 +214,16 @@ def main():
     if args.mask_from:
         common.apply_masks(model, mask_of(args.mask_from, args.arch, data))
     model = common.prepare_model(model, device)
-    result = train_recipe(model, args, data, device, method, shard=(rank, world))
+    result = train_recipe(model, data, device, arch=args.arch, retrain=args.retrain, seed=args.seed,
+                          compile_model=args.compile, desc=method, shard=(rank, world), **recipe_of(vars(args)))
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:
         return  # process 0 reports and saves
 
-    test_acc = test_accuracy(model, args, data)
+    test_acc = test_accuracy(model, data, arch=args.arch)
     val_acc = result.history[-1].get("val_acc", float("nan"))
-    train_acc = fit_accuracy(model, args, data)
+    train_acc = fit_accuracy(model, data, arch=args.arch, retrain=args.retrain)
     common.save_checkpoint(model, out, arch=args.arch, method=method, data=data, config=vars(args), result=result,
                            trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
                            extra=dict(train_acc=round(train_acc, 3), val_acc=val_acc, test_acc=round(test_acc, 3),

@@ -72,26 +72,28 @@ def main():
         raise common.UserError(f"{args.model} is not a dense original model (method {meta['method']}); "
                                "prune pretrain.py's output")
     # Recipe keys added since the original was trained take their defaults (what that run used).
-    recipe = argparse.Namespace(**dict(pretrain.RECIPE_DEFAULTS, **meta["config"]))
-    recipe.compile = args.compile  # how to run, not what to train: this run's flag
+    # compile: how to run, not what to train: this run's flag.
+    recipe = dict(pretrain.RECIPE_DEFAULTS, **meta["config"]) | dict(compile=args.compile)
     if args.rewind_epoch is None:
-        args.rewind_epoch = default_rewind_epoch(recipe.epochs)
-    if not 0 <= args.rewind_epoch < recipe.epochs:
-        raise common.UserError(f"--rewind-epoch must be in 0..{recipe.epochs - 1} (the dense run had "
-                               f"{recipe.epochs} epochs)")
+        args.rewind_epoch = default_rewind_epoch(recipe["epochs"])
+    if not 0 <= args.rewind_epoch < recipe["epochs"]:
+        raise common.UserError(f"--rewind-epoch must be in 0..{recipe['epochs'] - 1} (the dense run had "
+                               f"{recipe['epochs']} epochs)")
     data = common.data_from_spec(meta["data"], args.data_dir, device)
     method = "imp" if args.rounds else "omp"
-    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=recipe.arch, method=method,
+    out = common.claim_output(args.out, out_dir=args.out_dir, data=data, arch=recipe["arch"], method=method,
                               seed=args.seed, overwrite=args.overwrite) if rank == 0 else None
-    common.print_config(method, dict(vars(args), recipe=vars(recipe)))
-    family = common.ARCHS[recipe.arch].family
+    common.print_config(method, dict(vars(args), recipe=recipe))
+    family = common.ARCHS[recipe["arch"]].family
 
+    recipe_settings = dict(arch=recipe["arch"], retrain=recipe["retrain"], seed=recipe["seed"],
+                           compile_model=args.compile, **pretrain.recipe_of(recipe))
     # The rewind point: the dense run replayed (same seed, init, batch order, schedule) up to --rewind-epoch.
-    common.seed_everything(recipe.seed)
-    rewound = common.prepare_model(common.build_model(recipe.arch, data.info), device)
+    common.seed_everything(recipe["seed"])
+    rewound = common.prepare_model(common.build_model(recipe["arch"], data.info), device)
     if args.rewind_epoch:
-        replay = pretrain.train_recipe(rewound, recipe, data, device, "rewind", stop_epoch=args.rewind_epoch,
-                                       shard=(rank, world))
+        replay = pretrain.train_recipe(rewound, data, device, desc="rewind", stop_epoch=args.rewind_epoch,
+                                       shard=(rank, world), **recipe_settings)
         logged = meta["history"][args.rewind_epoch - 1].get("val_acc", float("nan"))
         print(f"rewind point: epoch {args.rewind_epoch} replayed, val acc "
               f"{replay.history[-1].get('val_acc', float('nan')):.3f}% (the dense run logged {logged:.3f}%)")
@@ -101,8 +103,8 @@ def main():
     for round_index in range(max(args.rounds, 1)):
         common.global_magnitude_prune(model, family, args.imp_rate if args.rounds else args.sparsity)
         rewind(model, rewind_state)
-        results.append(pretrain.train_recipe(model, recipe, data, device, f"{method} round {round_index + 1}",
-                                             start_epoch=args.rewind_epoch, shard=(rank, world)))
+        results.append(pretrain.train_recipe(model, data, device, desc=f"{method} round {round_index + 1}",
+                                             start_epoch=args.rewind_epoch, shard=(rank, world), **recipe_settings))
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:
@@ -110,15 +112,15 @@ def main():
 
     result = common.TrainResult(sum(r.wall_time_s for r in results), max(r.peak_mem_mb for r in results),
                                 [h for r in results for h in r.history], results[0].trainable_params)
-    test_acc = pretrain.test_accuracy(model, recipe, data)
+    test_acc = pretrain.test_accuracy(model, data, arch=recipe["arch"])
     val_acc = result.history[-1].get("val_acc", float("nan"))
-    saved = common.save_checkpoint(model, out, arch=recipe.arch, method=method, data=data,
-                                   config=dict(vars(recipe), pruning=vars(args)), result=result,
+    saved = common.save_checkpoint(model, out, arch=recipe["arch"], method=method, data=data,
+                                   config=dict(recipe, pruning=vars(args)), result=result,
                                    trainable_params=common.count_params(model)[0], overwrite=args.overwrite,
                                    extra=dict(parent=str(args.model), test_acc=round(test_acc, 3), val_acc=val_acc,
                                               world_size=world))
     print(f"{method}: sparsity {saved['sparsity']:.4f} after {max(args.rounds, 1)} round(s), rewound to epoch "
-          f"{args.rewind_epoch} and retrained {recipe.epochs - args.rewind_epoch} epoch(s) per round, "
+          f"{args.rewind_epoch} and retrained {recipe['epochs'] - args.rewind_epoch} epoch(s) per round, "
           f"{result.wall_time_s:.1f}s; val acc {val_acc:.2f}%, test acc {test_acc:.2f}% (report only) -> {out}")
 
 
