@@ -1,7 +1,8 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # all parts; ~10 min on 2 free CPU cores
+    python bench.py                      # parts 1-3; ~13 min on 2 free CPU cores
     python bench.py --json bench.json --md bench.md
+    python bench.py --parts whole-runs --archs resnet50 --data-dir data   # part 4 alone
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
 
 1. Loop overhead: throughput of common.train_loop (CE loss, on-device uint8 batches from common.batches,
@@ -22,6 +23,12 @@
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
    save) on ResNet-50. With --compile, part 2 again under torch.compile (its compilation in the warm-up step).
+4. Whole runs (--parts ...,whole-runs; ~12 min per arch on 2 CPU cores): each method's script run as a user runs
+   it, on one unlearning epoch at batch 32 (68 steps) of a short original trained here on 2,400 Fashion-MNIST
+   images (--data-dir: the real files, or Debian's dataset-fashion-mnist): the sidecar's wall time (preparation,
+   i.e. pruning, BatchNorm re-estimation and adapters, included) and the whole process's. FT runs before and
+   after every method, and each method is compared with the mean of those two, so that a drift of the machine's
+   speed while the part runs moves both sides of the ratio.
 
 Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
 """
@@ -43,6 +50,7 @@ import common
 import finetune
 import lora
 import loraprune
+import pretrain
 import pruneft
 
 BATCH_SIZE = finetune.BATCH_SIZE  # 128, the PruneLoRA paper's
@@ -51,6 +59,11 @@ DR_IMAGES = 45_000  # CIFAR-10 retain set of class-wise forgetting (50,000 - 5,0
 FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
 ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
 LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
+PARTS = ("loop", "cost", "end-to-end", "whole-runs")
+DEFAULT_PARTS = "loop,cost,end-to-end"  # whole-runs (part 4) on request: it trains real models, minutes each
+WHOLE_RUN_METHODS = "lora,loraprune,loraprune-shrink"  # part 4's methods, each between two FT runs
+WHOLE_RUN_ORIGINAL = ("--dataset", "fashion-mnist", "--train-subset", "2400", "--epochs", "1")
+WHOLE_RUN_FLAGS = ("--forget-class", "3", "--batch-size", "32", "--epochs", "1")  # one pass over Dr: 68 steps
 METHODS = {  # name -> (its script, does it prune, does it adapt through LoRA)
     "finetune": (finetune, False, False),
     "pruneft": (pruneft, True, False),
@@ -192,6 +205,23 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
                 trainable_pct=round(100 * trainable / total, 2))
 
 
+def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], device: torch.device,
+                 steps: int) -> list[dict]:
+    """Part 2: method_cost of every configuration, each in its own process (so its peak memory is its own)."""
+    rows = []
+    for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
+        if method == "lora-dropout0" and not common.lora_settings(common.ARCHS[arch].family)["dropout"]:
+            continue  # LoRA's own default has no dropout here
+        one = f"{arch}:{method}:{batch_size}{variant}"
+        proc = subprocess.run([sys.executable, __file__, "--one", one, "--device", str(device), "--steps", str(steps)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise common.UserError(f"{one} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(dict(part="method_cost", **rows[-1])), flush=True)
+    return rows
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Each row's step time and activation memory as ratios to FT's at the same arch, batch and precision."""
     ft = {(r["arch"], r["batch_size"], r["precision"]): r for r in rows if r["method"] == "finetune"}
@@ -220,6 +250,46 @@ def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
                 note="random 32 px images; excludes imports and loading a checkpoint from disk")
 
 
+def script_flags(method: str) -> list[str]:
+    """The flags that make a method's script run the variant this benchmark names."""
+    return ((["--shrink"] if method.endswith("-shrink") else [])
+            + (["--lora-dropout", "0"] if method == "lora-dropout0" else []))
+
+
+def run_script(script: str, *args) -> float:
+    """Run one of the project's scripts in a subprocess; its wall time in seconds, or a UserError if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise common.UserError(f"{Path(script).name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.perf_counter() - start
+
+
+def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: str) -> list[dict]:
+    """Part 4: the scripts' whole runs, in the order FT, methods[0], FT, methods[1], ..., FT; each method's times
+    as ratios to the mean of the FT runs just before and after it."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        common_flags = ["--data-dir", data_dir, "--device", str(device)]
+        original = Path(tmp) / "original.safetensors"
+        run_script(pretrain.__file__, "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags, "--out", original)
+        for i, method in enumerate(["finetune", *itertools.chain.from_iterable((m, "finetune") for m in methods)]):
+            out = Path(tmp) / f"{i}_{method}.safetensors"
+            process_s = run_script(METHODS[method][0].__file__, "--model", original, *WHOLE_RUN_FLAGS,
+                                   *script_flags(method), *common_flags, "--out", out)
+            meta = common.read_sidecar(out)
+            report = meta["quick_report"]
+            rows.append(dict(arch=arch, run=i + 1, method=method, wall_s=round(meta["wall_time_s"], 1),
+                             prep_s=round(meta["prep_time_s"], 1), process_s=round(process_s, 1),
+                             peak_mem_mb=round(meta["peak_mem_mb"]), retain_acc=report["retain_acc"],
+                             test_acc=report["test_retain_acc"]))
+            print(json.dumps(dict(part="whole_run", **rows[-1])), flush=True)
+    for before, row, after in zip(rows[::2], rows[1::2], rows[2::2]):
+        for key in ("wall_s", "process_s"):
+            row[key.removesuffix("_s") + "_vs_ft"] = round(row[key] / ((before[key] + after[key]) / 2), 2)
+    return rows
+
+
 def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> str:
     """What the training steps ran in: common's CUDA defaults, or fp32 (always on CPU); compiled or not."""
     if device.type == "cuda" and not fp32:
@@ -238,28 +308,44 @@ def switch_off_cuda_speedups() -> None:
 
 
 def markdown(figures: dict) -> str:
-    lo = figures["loop_overhead"]
-    lines = [f"## bench.py on {figures['device']}", "",
-             f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw step "
-             f"{lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
-             "(goal >= 0.9).", "",
-             "Per-method cost, 32 px. s/step = median of the timed steps; activations = bytes autograd keeps for "
-             "backward in one training forward (the same on any device); x FT = ratio to FT at the same arch, batch "
-             f"and precision; prep = pruning and adapters before the first step; epoch time EXTRAPOLATED to "
-             f"{DR_IMAGES:,} images:", "",
-             "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
-             "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
-              f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb'] or 'n/a'} |"
-              f" {m.get('activation_vs_ft') or ''} | "
-              f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
-              f"{m['trainable_pct']} |" for m in figures["methods"]]
-    e2e = figures.get("end_to_end_loraprune")
-    lines += ["", "End-to-end PruneLoRA class unlearning: " + (
-        f"{e2e['end_to_end_s']} s ({e2e['train_loop_s']} s in the training loop), {e2e['epochs']} epochs over "
-        f"{e2e['retain_images']:,} images, {e2e['arch']}, {e2e['precision']}, peak {e2e['peak_mem_mb']} MB; "
-        f"{e2e['note']}." if e2e else figures["end_to_end_skipped"])]
+    lines = [f"## bench.py on {figures['device']}"]
+    if lo := figures.get("loop_overhead"):
+        lines += ["", f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw "
+                  f"step {lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
+                  "(goal >= 0.9)."]
+    if "methods" in figures:
+        lines += ["", "Per-method cost, 32 px. s/step = median of the timed steps; activations = bytes autograd keeps "
+                  "for backward in one training forward (the same on any device); x FT = ratio to FT at the same "
+                  "arch, batch and precision; prep = pruning and adapters before the first step; epoch time "
+                  f"EXTRAPOLATED to {DR_IMAGES:,} images:", "",
+                  "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
+                  "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
+                  f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb'] or 'n/a'} |"
+                  f" {m.get('activation_vs_ft') or ''} | "
+                  f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
+                  f"{m['trainable_pct']} |" for m in figures["methods"]]
+    if e2e := figures.get("end_to_end_loraprune"):
+        lines += ["", f"End-to-end PruneLoRA class unlearning: {e2e['end_to_end_s']} s ({e2e['train_loop_s']} s in "
+                  f"the training loop), {e2e['epochs']} epochs over {e2e['retain_images']:,} images, {e2e['arch']}, "
+                  f"{e2e['precision']}, peak {e2e['peak_mem_mb']} MB; {e2e['note']}."]
+    elif "end_to_end_skipped" in figures:
+        lines += ["", f"End-to-end PruneLoRA class unlearning: {figures['end_to_end_skipped']}"]
+    if runs := figures.get("whole_runs"):
+        lines += ["", "Whole runs as a user runs them, one after the other in the order listed: `python pretrain.py "
+                  f"--arch ARCH {' '.join(WHOLE_RUN_ORIGINAL)}`, then `python SCRIPT.py --model ORIGINAL "
+                  f"{' '.join(WHOLE_RUN_FLAGS)}` with the row's flags. Sidecar s = the wall time the checkpoint "
+                  "records (training plus preparation: pruning, BatchNorm re-estimation, adapters); process s = "
+                  "the whole command (imports, data, saving, the final accuracies too); x FT = ratio to the mean "
+                  "of the FT runs just before and after:", "",
+                  "| arch | run | method | flags | sidecar s | sidecar x FT | of which preparation s | process s | "
+                  "process x FT | peak MB | Dr / test acc. % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['arch']} | {r['run']} | {r['method']} | {' '.join(script_flags(r['method']))} | "
+                  f"{r['wall_s']} | {r.get('wall_vs_ft', '')} | {r['prep_s']} | {r['process_s']} | "
+                  f"{r.get('process_vs_ft', '')} | {r['peak_mem_mb']:,} | {r['retain_acc']} / {r['test_acc']} |"
+                  for r in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +360,11 @@ def main():
     parser.add_argument("--json", default=None, help="write all figures as JSON here")
     parser.add_argument("--md", default=None, help="write the markdown summary here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json/--md files")
+    parser.add_argument("--parts", default=DEFAULT_PARTS,
+                        help=f"comma-separated, of {', '.join(PARTS)} (default: %(default)s)")
+    parser.add_argument("--whole-run-methods", default=WHOLE_RUN_METHODS,
+                        help="part 4's methods (default: %(default)s)")
+    parser.add_argument("--data-dir", default="./data", help="part 4's Fashion-MNIST root (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure every method under torch.compile (GPU; minutes of compilation each)")
     # internal: ARCH:METHOD:BATCH[:fp32|:compile], one configuration in a subprocess
@@ -293,6 +384,11 @@ def main():
     if unknown:
         raise common.UserError(f"--archs {unknown}: choose from the small-image architectures "
                                f"{', '.join(a for a, s in common.ARCHS.items() if not s.input_size)}")
+    parts = args.parts.split(",")
+    whole_run_methods = args.whole_run_methods.split(",")
+    for names, known, flag in ((parts, PARTS, "--parts"), (whole_run_methods, METHODS, "--whole-run-methods")):
+        if unknown := [n for n in names if n not in known]:
+            raise common.UserError(f"{flag} {unknown}: choose from {', '.join(known)}")
     if args.one:
         arch, method, batch_size, *variant = args.one.split(":")
         if variant == ["fp32"]:
@@ -303,31 +399,26 @@ def main():
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu, {torch.get_num_threads()} threads")
-    figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
-    print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
+    if "loop" in parts:
+        figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
+        print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
 
-    variants = [""] + ([":fp32"] if device.type == "cuda" else []) + ([":compile"] if args.compile else [])
-    figures["methods"] = []
-    for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
-        if method == "lora-dropout0" and not common.lora_settings(common.ARCHS[arch].family)["dropout"]:
-            continue  # LoRA's own default has no dropout here
-        one = f"{arch}:{method}:{batch_size}{variant}"
-        proc = subprocess.run([sys.executable, __file__, "--one", one, "--device", str(device), "--steps", str(steps)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise common.UserError(f"{one} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        figures["methods"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(dict(part="method_cost", **figures["methods"][-1])), flush=True)
-    figures["methods"] = with_ratios(figures["methods"])
+    if "cost" in parts:
+        variants = [""] + ([":fp32"] if device.type == "cuda" else []) + ([":compile"] if args.compile else [])
+        figures["methods"] = with_ratios(method_costs(archs, batch_sizes, variants, device, steps))
 
-    if device.type == "cuda" and not args.quick:
+    if "end-to-end" in parts and device.type == "cuda" and not args.quick:
         figures["end_to_end_loraprune"] = end_to_end_loraprune(device)
         print(json.dumps(dict(part="end_to_end", **figures["end_to_end_loraprune"])), flush=True)
-    else:
+    elif "end-to-end" in parts:
         figures["end_to_end_skipped"] = ("skipped: " + ("--quick" if device.type == "cuda" else
                                          "needs CUDA (5 ResNet-50 epochs over 45,000 images take hours on CPU)"))
         print(f"end-to-end PruneLoRA: {figures['end_to_end_skipped']}; fp32 vs bf16/channels_last: "
               f"{'measured above' if device.type == 'cuda' else 'skipped: needs CUDA'}")
+
+    if "whole-runs" in parts:
+        figures["whole_runs"] = [row for arch in archs
+                                 for row in whole_runs(arch, whole_run_methods, device, args.data_dir)]
 
     summary = markdown(figures)
     print(summary)
@@ -335,7 +426,8 @@ def main():
         if path:
             common.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
             print(f"wrote {path}")
-    print(f"bench on {figures['device']}: loop/raw ratio {figures['loop_overhead']['ratio']}")
+    loop = figures.get("loop_overhead")
+    print(f"bench on {figures['device']}: " + (f"loop/raw ratio {loop['ratio']}" if loop else f"parts {args.parts}"))
 
 
 if __name__ == "__main__":

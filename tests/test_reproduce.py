@@ -1,5 +1,5 @@
 """reproduce.py's smoke profile end to end, resuming, its audit profile, the GPU profiles' dry run, and bench.py's
-quick mode."""
+quick mode and whole runs."""
 import csv
 import json
 import os
@@ -168,6 +168,21 @@ def test_bench_quick_mode_prints_the_loop_ratio():
     # dropout's cost is measured where LoRA's default has dropout (ResNets: 0.1), not on ViTs (0)
     assert "| resnet_tiny | 32 | lora-dropout0 |" in proc.stdout and "| vit_tiny | 32 | lora-dropout0 |" not in proc.stdout
     assert "skipped: needs CUDA" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_whole_runs_time_the_scripts_between_two_ft_runs(data_dir, tmp_path):
+    out = tmp_path / "whole.json"
+    run_script("bench.py", "--device", "cpu", "--archs", "resnet_tiny", "--parts", "whole-runs",
+               "--whole-run-methods", "loraprune-shrink", "--data-dir", data_dir, "--json", out)
+    first_ft, method, last_ft = json.loads(out.read_text())["whole_runs"]
+    assert [r["method"] for r in (first_ft, method, last_ft)] == ["finetune", "loraprune-shrink", "finetune"]
+    # the same FT run twice: the same model (seeded), only the times differ
+    assert first_ft["retain_acc"] == last_ft["retain_acc"] and first_ft["prep_s"] == 0
+    assert 0 < method["prep_s"] < method["wall_s"] < method["process_s"]  # pruning, BN re-estimation, adapters
+    assert method["wall_vs_ft"] == round(method["wall_s"] / ((first_ft["wall_s"] + last_ft["wall_s"]) / 2), 2)
+    proc = run_script("bench.py", "--parts", "loop,everything", check=False)
+    assert proc.returncode == 2 and "--parts ['everything']: choose from" in proc.stderr
 
 
 def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(tmp_path):
