@@ -266,8 +266,7 @@ def run_script(script: str, *args) -> float:
 
 
 def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: str) -> list[dict]:
-    """Part 4: the scripts' whole runs, in the order FT, methods[0], FT, methods[1], ..., FT; each method's times
-    as ratios to the mean of the FT runs just before and after it."""
+    """Part 4: the scripts' whole runs, in the order FT, methods[0], FT, methods[1], ..., FT (with_ft_ratios)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         common_flags = ["--data-dir", data_dir, "--device", str(device)]
@@ -284,6 +283,12 @@ def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: st
                              peak_mem_mb=round(meta["peak_mem_mb"]), retain_acc=report["retain_acc"],
                              test_acc=report["test_retain_acc"]))
             print(json.dumps(dict(part="whole_run", **rows[-1])), flush=True)
+    return with_ft_ratios(rows)
+
+
+def with_ft_ratios(rows: list[dict]) -> list[dict]:
+    """Whole runs in the order FT, method, FT, method, ..., FT: each method's times as ratios to the mean of the
+    FT runs just before and after it."""
     for before, row, after in zip(rows[::2], rows[1::2], rows[2::2]):
         for key in ("wall_s", "process_s"):
             row[key.removesuffix("_s") + "_vs_ft"] = round(row[key] / ((before[key] + after[key]) / 2), 2)
