@@ -23,7 +23,7 @@
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
    save) on ResNet-50. With --compile, part 2 again under torch.compile (its compilation in the warm-up step).
-4. Whole runs (--parts ...,whole-runs; ~12 min per arch on 2 CPU cores): each method's script run as a user runs
+4. Whole runs (--parts ...,whole-runs; ~35 min per arch on 2 CPU cores): each method's script run as a user runs
    it, on one unlearning epoch at batch 32 (68 steps) of a short original trained here on 2,400 Fashion-MNIST
    images (--data-dir: the real files, or Debian's dataset-fashion-mnist): the sidecar's wall time (preparation,
    i.e. pruning, BatchNorm re-estimation and adapters, included) and the whole process's. FT runs before and
