@@ -757,12 +757,12 @@ def lora_drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return drop
 
 
-def _mark_rebuildable(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+def _mark_rebuildable(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     """Forward hook of a LayerNorm or GELU: its output remembers how to rebuild itself (the module, its input,
     and the output's version, which an in-place change would bump). The input by weak reference: the mark
     keeps nothing alive that the network would have freed."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # compiled graphs rematerialise on their own
-        output.rebuilt_by = (module, weakref.ref(args[0]), output._version)
+        output.rebuilt_by = (module, weakref.ref(inputs[0]), output._version)
 
 
 class _LowRank(torch.autograd.Function):
