@@ -205,6 +205,16 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
                 trainable_pct=round(100 * trainable / total, 2))
 
 
+def run_script(script: str, *args, label: str | None = None) -> str:
+    """Run one of the project's scripts in a subprocess; its standard output, or a UserError naming `label` (by
+    default the script) with the last line of its errors if it fails."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise common.UserError(f"{label or Path(script).name} failed: "
+                               f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc.stdout
+
+
 def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], device: torch.device,
                  steps: int) -> list[dict]:
     """Part 2: method_cost of every configuration, each in its own process (so its peak memory is its own)."""
@@ -213,11 +223,8 @@ def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], 
         if method == "lora-dropout0" and not common.lora_settings(common.ARCHS[arch].family)["dropout"]:
             continue  # LoRA's own default has no dropout here
         one = f"{arch}:{method}:{batch_size}{variant}"
-        proc = subprocess.run([sys.executable, __file__, "--one", one, "--device", str(device), "--steps", str(steps)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise common.UserError(f"{one} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
+        rows.append(json.loads(stdout.strip().splitlines()[-1]))
         print(json.dumps(dict(part="method_cost", **rows[-1])), flush=True)
     return rows
 
@@ -256,15 +263,6 @@ def script_flags(method: str) -> list[str]:
             + (["--lora-dropout", "0"] if method == "lora-dropout0" else []))
 
 
-def run_script(script: str, *args) -> float:
-    """Run one of the project's scripts in a subprocess; its wall time in seconds, or a UserError if it fails."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
-    if proc.returncode:
-        raise common.UserError(f"{Path(script).name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return time.perf_counter() - start
-
-
 def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: str) -> list[dict]:
     """Part 4: the scripts' whole runs, in the order FT, methods[0], FT, methods[1], ..., FT (with_ft_ratios)."""
     rows = []
@@ -274,8 +272,10 @@ def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: st
         run_script(pretrain.__file__, "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags, "--out", original)
         for i, method in enumerate(["finetune", *itertools.chain.from_iterable((m, "finetune") for m in methods)]):
             out = Path(tmp) / f"{i}_{method}.safetensors"
-            process_s = run_script(METHODS[method][0].__file__, "--model", original, *WHOLE_RUN_FLAGS,
-                                   *script_flags(method), *common_flags, "--out", out)
+            start = time.perf_counter()
+            run_script(METHODS[method][0].__file__, "--model", original, *WHOLE_RUN_FLAGS, *script_flags(method),
+                       *common_flags, "--out", out)
+            process_s = time.perf_counter() - start
             meta = common.read_sidecar(out)
             report = meta["quick_report"]
             rows.append(dict(arch=arch, run=i + 1, method=method, wall_s=round(meta["wall_time_s"], 1),
