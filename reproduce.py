@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -433,10 +434,15 @@ def _run_process(argv: list[str], env: dict, log: Path) -> None:
 
 
 def _script_error(text: str) -> str:
-    """The one-line error a script printed, out of a job's whole report (else its last line)."""
-    lines = [line for line in text.strip().splitlines() if line.strip()] or ["?"]
+    """The one-line reason a run failed, out of its whole log: the script's own `error: ...` line; else the
+    exception that ended a crashed process (under torchrun, a worker's, not the launcher's ChildFailedError
+    report); else the exit code torchrun reports for a worker killed without one; else the last line."""
+    lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)] or ["?"]
     errors = [line[line.index("error: "):] for line in lines if "error: " in line]
-    return (errors or lines)[-1]
+    exceptions = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b", line)
+                  and "ChildFailedError" not in line]
+    exit_codes = [f"a torchrun worker exited with {line}" for line in lines if line.startswith("exitcode")]
+    return (errors or exceptions or exit_codes or lines)[-1]
 
 
 def _slot_envs(executor: Executor, device: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """Shared fixtures: small real models trained once per test session on a Fashion-MNIST subset."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,11 @@ def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedPr
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
+        # A sweep's failed run names its log, which lives in the test's temporary folder: show its end here.
+        logs = dict.fromkeys(Path(p) for p in re.findall(r"\(log: ([^)]+)\)", proc.stderr) if Path(p).is_file())
+        tails = "".join(f"\n--- end of {log}\n{log.read_text()[-3000:]}" for log in logs)
         pytest.fail(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
-                    f"{proc.stderr[-3000:]}")
+                    f"{proc.stderr[-3000:]}{tails}")
     return proc
 
 

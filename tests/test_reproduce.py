@@ -258,3 +258,18 @@ def test_slurm_jobs_ask_for_the_runs_resources_and_start_retrains_under_torchrun
             assert f"#SBATCH {line}\n" in sbatch, line
     with pytest.raises(reproduce.common.UserError, match="--workers is for --executor local"):
         reproduce.make_executor("slurm", workers=2)
+
+
+def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launchers_banner(tmp_path):
+    import reproduce
+    script = tmp_path / "crash.py"
+    script.write_text("import os, sys\n"
+                      "if os.environ['RANK'] == '1' and sys.argv[1] == 'crash': raise RuntimeError('rank 1 broke')\n"
+                      "if sys.argv[1] == 'user': sys.exit('error: a bad flag')\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    for how, reason in (("crash", "RuntimeError: rank 1 broke"), ("user", "error: a bad flag")):
+        log = tmp_path / f"{how}.log"
+        with pytest.raises(reproduce.common.UserError) as failure:
+            reproduce._run_process([*torchrun, how], dict(os.environ, OMP_NUM_THREADS="1"), log)
+        assert str(failure.value) == f"{reason} (log: {log})"
+        assert "ChildFailedError" in log.read_text()  # torchrun's own report, ending in a line of '='
