@@ -1,6 +1,6 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # parts 1-3; ~13 min on 2 free CPU cores
+    python bench.py                      # parts 1-3; ~25 min on 2 free CPU cores (estimated)
     python bench.py --json bench.json --md bench.md
     python bench.py --parts whole-runs --archs resnet50 --data-dir data   # part 4 alone
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
@@ -14,10 +14,12 @@
    seconds per step (the median of --steps steady-state steps, each timed; one warm-up step first, not timed),
    activation memory (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the
    same figure on CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
-   and batch. Also the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with
-   --shrink (pruneft-shrink, loraprune-shrink: trained on common.shrink_pruned's smaller network). Each
-   configuration runs in its own process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the
-   scripts' sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
+   and batch. FT runs again after every method, and a method's step is compared with the mean of the FT runs
+   just before and after it (a shared machine's speed drifts over the minutes this part takes). Also the
+   per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with --shrink (pruneft-shrink,
+   loraprune-shrink: trained on common.shrink_pruned's smaller network). Each configuration runs in its own
+   process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the scripts'
+   sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
    paper's dropout 0.1, whose mask is drawn over every adapted layer's full-size input.
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
@@ -217,22 +219,38 @@ def run_script(script: str, *args, label: str | None = None) -> str:
 
 def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], device: torch.device,
                  steps: int) -> list[dict]:
-    """Part 2: method_cost of every configuration, each in its own process (so its peak memory is its own)."""
+    """Part 2: method_cost of every configuration, each in its own process (so its peak memory is its own). Per
+    arch, batch and precision, FT runs first and again after every method; each method row carries the mean FT
+    step of the runs just before and after it (ft_step_s), and FT's row the median of all its runs and their
+    range (ft_range_s)."""
     rows = []
-    for arch, batch_size, variant, method in itertools.product(archs, batch_sizes, variants, METHODS):
-        if method == "lora-dropout0" and not common.lora_settings(common.ARCHS[arch].family)["dropout"]:
-            continue  # LoRA's own default has no dropout here
-        one = f"{arch}:{method}:{batch_size}{variant}"
-        stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
-        rows.append(json.loads(stdout.strip().splitlines()[-1]))
-        print(json.dumps(dict(part="method_cost", **rows[-1])), flush=True)
+    for arch, batch_size, variant in itertools.product(archs, batch_sizes, variants):
+        def measure(method: str) -> dict:
+            one = f"{arch}:{method}:{batch_size}{variant}"
+            stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
+            row = json.loads(stdout.strip().splitlines()[-1])
+            print(json.dumps(dict(part="method_cost", **row)), flush=True)
+            return row
+
+        ft_runs, group = [measure("finetune")], []
+        for method in METHODS:
+            if method == "finetune" or (method == "lora-dropout0" and
+                                        not common.lora_settings(common.ARCHS[arch].family)["dropout"]):
+                continue  # FT is the reference; LoRA's own default has no dropout here
+            row = measure(method)
+            ft_runs.append(measure("finetune"))
+            group.append(dict(row, ft_step_s=round((ft_runs[-2]["step_s"] + ft_runs[-1]["step_s"]) / 2, 4)))
+        ft_steps = [r["step_s"] for r in ft_runs]
+        rows += [dict(ft_runs[0], step_s=round(statistics.median(ft_steps), 4), ft_runs=len(ft_runs),
+                      ft_range_s=[min(ft_steps), max(ft_steps)]), *group]
     return rows
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's step time and activation memory as ratios to FT's at the same arch, batch and precision."""
+    """Each row's step time as a ratio to the FT steps measured beside it (ft_step_s; FT's own row: 1), and its
+    activation memory to FT's at the same arch, batch and precision."""
     ft = {(r["arch"], r["batch_size"], r["precision"]): r for r in rows if r["method"] == "finetune"}
-    return [dict(r, step_vs_ft=round(r["step_s"] / ft[key]["step_s"], 2),
+    return [dict(r, step_vs_ft=round(r["step_s"] / r.get("ft_step_s", ft[key]["step_s"]), 2),
                  activation_vs_ft=(round(r["activation_mb"] / ft[key]["activation_mb"], 2)
                                    if r["activation_mb"] and ft[key]["activation_mb"] else None))
             if (key := (r["arch"], r["batch_size"], r["precision"])) in ft else r for r in rows]
@@ -312,6 +330,14 @@ def switch_off_cuda_speedups() -> None:
     common.normalize = lambda *args, **kwargs: normalize(*args, **kwargs).contiguous()
 
 
+def ft_range(row: dict) -> str:
+    """' (0.97-1.05, 7 runs)': an FT row's fastest and slowest run as ratios to its median; else nothing."""
+    if "ft_range_s" not in row:
+        return ""
+    low, high = (round(t / row["step_s"], 2) for t in row["ft_range_s"])
+    return f" ({low}-{high}, {row['ft_runs']} runs)"
+
+
 def markdown(figures: dict) -> str:
     lines = [f"## bench.py on {figures['device']}"]
     if lo := figures.get("loop_overhead"):
@@ -320,14 +346,17 @@ def markdown(figures: dict) -> str:
                   "(goal >= 0.9)."]
     if "methods" in figures:
         lines += ["", "Per-method cost, 32 px. s/step = median of the timed steps; activations = bytes autograd keeps "
-                  "for backward in one training forward (the same on any device); x FT = ratio to FT at the same "
-                  "arch, batch and precision; prep = pruning and adapters before the first step; epoch time "
+                  "for backward in one training forward (the same on any device); step x FT = ratio to the mean "
+                  "step of the FT runs just before and after the method's (FT runs again after every method, so the "
+                  "machine's drift cancels; FT's row: the median of its runs, and in brackets their range as "
+                  "ratios to it); activations x FT = ratio to FT at the same arch, batch and precision; prep = "
+                  "pruning and adapters before the first step; epoch time "
                   f"EXTRAPOLATED to {DR_IMAGES:,} images:", "",
                   "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
                   "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
-                  f"{m['step_s']} | {m.get('step_vs_ft', '')} | {m['activation_mb'] or 'n/a'} |"
+                  f"{m['step_s']} | {m.get('step_vs_ft', '')}{ft_range(m)} | {m['activation_mb'] or 'n/a'} |"
                   f" {m.get('activation_vs_ft') or ''} | "
                   f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
                   f"{m['trainable_pct']} |" for m in figures["methods"]]

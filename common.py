@@ -42,12 +42,23 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main(), turning a UserError into a one-line message and exit status 2."""
+    """Run a script's main(), turning a UserError into a one-line message and exit status 2. A torchrun process
+    (WORLD_SIZE > 1) then leaves with os._exit, skipping the interpreter's and C++'s teardown: DistributedDataParallel
+    keeps its gloo process group, and that group's threads, alive past destroy_process_group (torch 2.14), and
+    destroying them during teardown now and then aborts the process ("terminate called without an active
+    exception", SIGABRT) after its work is done and saved, which fails the whole torchrun job."""
     try:
         main()
+        status = 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -438,10 +438,12 @@ def _script_error(text: str) -> str:
     exception that ended a crashed process (under torchrun, a worker's, not the launcher's ChildFailedError
     report); else the exit code torchrun reports for a worker killed without one; else the last line."""
     lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)] or ["?"]
-    errors = [line[line.index("error: "):] for line in lines if "error: " in line]
+    # from the last "error: " of a line: under torchrun every process may print the same error into one line
+    errors = [line[line.rindex("error: "):] for line in lines if "error: " in line]
     exceptions = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Interrupt)\b", line)
                   and "ChildFailedError" not in line]
-    exit_codes = [f"a torchrun worker exited with {line}" for line in lines if line.startswith("exitcode")]
+    exit_codes = [f"a torchrun worker exited with {' '.join(line.split())}" for line in lines
+                  if line.startswith("exitcode")]
     return (errors or exceptions or exit_codes or lines)[-1]
 
 
