@@ -53,7 +53,7 @@ def run_main(main: Callable[[], None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         status = 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
@@ -1016,11 +1016,16 @@ def device_and_generator(name: str, *, seed: int) -> tuple[torch.device, torch.G
     return device, torch.Generator(device=device).manual_seed(seed)
 
 
+def torchrun_world_size() -> int:
+    """The number of processes of this torchrun job (torchrun's WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
     """(device, rank, world size). Under torchrun (WORLD_SIZE > 1) this process joins its process group: NCCL and
     the GPU of its local rank on CUDA, gloo on CPU; every process but 0 prints nothing (one report). Otherwise it
     is alone: (the picked device, 0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world_size()
     device = pick_device(device_name)
     if world == 1:
         return device, 0, 1
