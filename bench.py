@@ -1,6 +1,6 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # parts 1-3; ~25 min on 2 free CPU cores (estimated)
+    python bench.py                      # parts 1-3: 30 min on 2 free CPU cores, 4 on an H200
     python bench.py --json bench.json --md bench.md
     python bench.py --parts whole-runs --archs resnet50 --data-dir data   # part 4 alone
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
@@ -17,10 +17,11 @@
    and batch. FT runs again after every method, and a method's step is compared with the mean of the FT runs
    just before and after it (a shared machine's speed drifts over the minutes this part takes). Also the
    per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with --shrink (pruneft-shrink,
-   loraprune-shrink: trained on common.shrink_pruned's smaller network). Each configuration runs in its own
-   process so its peak memory (CUDA max allocated, or process peak RSS on CPU, data included as in the scripts'
-   sidecars) is its own. ResNets add LoRA with adapter dropout 0 (lora-dropout0): the cost of the
-   paper's dropout 0.1, whose mask is drawn over every adapted layer's full-size input.
+   loraprune-shrink: trained on common.shrink_pruned's smaller network). Peak memory is CUDA max allocated (reset
+   by common.train_loop), or on CPU the process's peak RSS, data included as in the scripts' sidecars: on CPU each
+   configuration runs in its own process so that its peak is its own (RSS peaks cannot be reset). ResNets add
+   LoRA with adapter dropout 0 (lora-dropout0): the cost of the paper's dropout 0.1, whose mask is drawn over
+   every adapted layer's full-size input.
 3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
    channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
    class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
@@ -36,6 +37,8 @@ Prints one JSON line per measurement, then a markdown summary; --json/--md write
 """
 import argparse
 import contextlib
+import functools
+import gc
 import itertools
 import json
 import statistics
@@ -123,6 +126,7 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
                 ratio=round(raw / loop, 3))
 
 
+@functools.cache  # read-only: the configurations measured in one process share it
 def class_forgetting_data(device: torch.device) -> common.Data:
     """CIFAR-10-sized random data (50,000 train / 10,000 test, 32 px) cut as class-wise forgetting of class 3
     with no validation split (the PruneLoRA paper's setting): Dr is about 45,000 images."""
@@ -227,8 +231,11 @@ def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], 
     for arch, batch_size, variant in itertools.product(archs, batch_sizes, variants):
         def measure(method: str) -> dict:
             one = f"{arch}:{method}:{batch_size}{variant}"
-            stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
-            row = json.loads(stdout.strip().splitlines()[-1])
+            if device.type == "cuda":  # its peak counter is reset per run: no process start-up per configuration
+                row = one_config(one, device, steps)
+            else:
+                stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
+                row = json.loads(stdout.strip().splitlines()[-1])
             print(json.dumps(dict(part="method_cost", **row)), flush=True)
             return row
 
@@ -241,7 +248,9 @@ def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], 
             ft_runs.append(measure("finetune"))
             group.append(dict(row, ft_step_s=round((ft_runs[-2]["step_s"] + ft_runs[-1]["step_s"]) / 2, 4)))
         ft_steps = [r["step_s"] for r in ft_runs]
-        rows += [dict(ft_runs[0], step_s=round(statistics.median(ft_steps), 4), ft_runs=len(ft_runs),
+        ft_step_s = statistics.median(ft_steps)
+        rows += [dict(ft_runs[0], step_s=round(ft_step_s, 4), ft_runs=len(ft_runs),
+                      epoch_s_extrapolated=round(ft_step_s * DR_IMAGES / batch_size, 1),
                       ft_range_s=[min(ft_steps), max(ft_steps)]), *group]
     return rows
 
@@ -322,12 +331,28 @@ def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> 
     return label + (", torch.compile" if compile_model else "")
 
 
-def switch_off_cuda_speedups() -> None:
-    """fp32 baseline: no bf16 autocast, contiguous model and inputs (common's CUDA defaults undone here only)."""
-    normalize = common.normalize
+@contextlib.contextmanager
+def cuda_speedups_off():
+    """fp32 baseline: no bf16 autocast, contiguous model and inputs (common's CUDA defaults undone inside only)."""
+    saved = autocast, prepare_model, normalize = common.autocast, common.prepare_model, common.normalize
     common.autocast = lambda device: contextlib.nullcontext()
     common.prepare_model = lambda model, device: model.to(device)
     common.normalize = lambda *args, **kwargs: normalize(*args, **kwargs).contiguous()
+    try:
+        yield
+    finally:
+        common.autocast, common.prepare_model, common.normalize = saved
+
+
+def one_config(spec: str, device: torch.device, steps: int) -> dict:
+    """method_cost of one configuration named ARCH:METHOD:BATCH[:fp32|:compile]."""
+    arch, method, batch_size, *variant = spec.split(":")
+    gc.collect()  # the configuration before, if any, freed before this one's peak is counted
+    if variant == ["compile"]:
+        torch.compiler.reset()  # a fresh cache: another model's graphs would count towards the recompile limit
+    with cuda_speedups_off() if variant == ["fp32"] else contextlib.nullcontext():
+        return method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
+                           compile_model=variant == ["compile"])
 
 
 def ft_range(row: dict) -> str:
@@ -424,11 +449,7 @@ def main():
         if unknown := [n for n in names if n not in known]:
             raise common.UserError(f"{flag} {unknown}: choose from {', '.join(known)}")
     if args.one:
-        arch, method, batch_size, *variant = args.one.split(":")
-        if variant == ["fp32"]:
-            switch_off_cuda_speedups()
-        print(json.dumps(method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
-                                     compile_model=variant == ["compile"])))
+        print(json.dumps(one_config(args.one, device, steps)))
         return
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"

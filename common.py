@@ -8,6 +8,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -291,11 +292,17 @@ def augment(x: torch.Tensor, info: DatasetInfo, gen: torch.Generator | None = No
     return x
 
 
+@functools.cache
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a tensor built from a Python list on CUDA is a host-to-device copy that waits for the
+    # GPU, and once per batch it stopped the host from queueing the next step's kernels while the GPU ran.
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+
 def normalize(x: torch.Tensor, info: DatasetInfo, input_size: int | None = None) -> torch.Tensor:
     """uint8 images -> normalised float in channels_last, resized on the device when the model wants another
     input size."""
-    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    mean, std = _channel_constants(info.mean, info.std, x.device)
     x = (x.float() / 255 - mean) / std
     if input_size and input_size != x.shape[-1]:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
@@ -1531,10 +1538,14 @@ def library_versions() -> dict:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file beside path, then rename it over path: readers never see half a file."""
+    """write(tmp) to a temporary file beside path, then rename it over path: readers never see half a file.
+    The file gets the mode open() would give it (safetensors creates its files readable by their owner only)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

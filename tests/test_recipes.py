@@ -2,7 +2,9 @@
 contradictory forget sets stop with argparse's one-line error, and a whole PruneLoRA run (prune, LoRA, BatchNorm
 re-estimation, training, merge, save) works through main() on a small real model."""
 import importlib
+import os
 import re
+import stat
 import sys
 
 import pytest
@@ -87,6 +89,20 @@ def small_original(data_dir, tmp_path_factory):
     common.save_checkpoint(model, path, arch="resnet_tiny", method="original", data=data, config={}, result=None,
                            trainable_params=common.count_params(model)[0])
     return path
+
+
+def test_a_checkpoint_is_readable_by_whom_the_umask_allows(small_original, data_dir, tmp_path):
+    # safetensors creates its file with mode 0600: teammates on a shared cluster could not read the weights.
+    model, _ = common.load_checkpoint(small_original)
+    data = common.make_data("fashion-mnist", data_dir, train_subset=600)
+    umask = os.umask(0o022)
+    try:
+        common.save_checkpoint(model, tmp_path / "copy.safetensors", arch="resnet_tiny", method="original",
+                               data=data, config={}, result=None, trainable_params=0)
+    finally:
+        os.umask(umask)
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()} == {
+        "copy.safetensors": 0o644, "copy.json": 0o644}
 
 
 def test_loraprune_main_runs_its_recipe_and_keeps_the_pruned_sparsity(small_original, data_dir, tmp_path,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import common
 from conftest import ROOT, run_script
@@ -177,10 +178,21 @@ def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_t
         ft_steps = [r["step_s"] for r in runs if r["arch"] == arch][::2]
         assert ft_row["method"] == "finetune" and ft_row["ft_runs"] == n_methods + 1
         assert ft_row["ft_range_s"] == [min(ft_steps), max(ft_steps)] and ft_row["step_vs_ft"] == 1
+        assert ft_row["epoch_s_extrapolated"] == pytest.approx(ft_row["step_s"] * 45_000 / 32, abs=0.1)
         for i, row in enumerate(rows):  # each method against the mean of the FT runs just before and after it
             assert row["method"] == order[2 * i + 1]
             assert row["ft_step_s"] == round((ft_steps[i] + ft_steps[i + 1]) / 2, 4)
             assert row["step_vs_ft"] == round(row["step_s"] / row["ft_step_s"], 2)
+
+
+def test_bench_measures_a_configuration_in_process_and_undoes_its_fp32_switch():
+    # On CUDA part 2 runs every configuration in one process: the fp32 baseline must not leak into the next one.
+    import bench
+    defaults = (common.autocast, common.prepare_model, common.normalize)
+    row = bench.one_config("resnet_tiny:loraprune:8:fp32", torch.device("cpu"), 1)
+    assert (common.autocast, common.prepare_model, common.normalize) == defaults
+    assert row["method"] == "loraprune" and row["batch_size"] == 8 and row["step_s"] > 0
+    assert 0 < row["trainable_params"] < row["total_params"]
 
 
 @pytest.mark.slow
