@@ -11,7 +11,7 @@ the Retrain of the same forget set and seed, and report mean +/- std with plots.
 Each run is one of the project's scripts in a subprocess (or a SLURM job); a run starts once the runs that
 write its inputs have finished. Checkpoints go to <out-root>/ckpt/ (shared by the profiles, so the same original
 or Retrain is trained once); a run whose checkpoint exists is skipped, so an interrupted sweep resumes, with any
-executor. Each group's evaluate.py JSON goes to <profile>/evaluations/, each run's log to <profile>/logs/. Writes
+executor (Ctrl-C cancels the SLURM jobs it has submitted). Each group's evaluate.py JSON goes to <profile>/evaluations/, each run's log to <profile>/logs/. Writes
 <out-root>/<profile>/results.csv (one row per model and run), table.md (mean +/- std per forget kind and method,
 Retrain first, directions stated) and PNG plots.
 """
@@ -514,48 +514,57 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
     else:
         capacity, clusters = executor.parallelism, {}
     free_slots, running = list(range(capacity)), {}
-    while pending or running:
-        for run, reason in list(pending):
-            if any(p in failed for p in needs[run["out"]]):
-                pending.remove((run, reason))
-                failed.add(run["out"])
-                report(run, "not run (an input failed)")
-            elif free_slots and all(p in done for p in needs[run["out"]]):
-                pending.remove((run, reason))
-                slot = free_slots.pop(0)
-                run["out"].parent.mkdir(parents=True, exist_ok=True)
-                argv = script_argv(run, executor, data_dir=data_dir, device=device)
-                if in_process_tree:
-                    handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
-                else:
-                    gpus = job_gpus(run, executor)
-                    if gpus not in clusters:
-                        clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
-                    import submitit
-                    # The threads are set in the job: the login node's environment stays there.
-                    handle = clusters[gpus].submit(submitit.helpers.CommandFunction(
-                        ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
-                running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
-        if not running:
-            continue
-        time.sleep(0.2 if in_process_tree else 2.0)
-        for out, (run, reason, slot, handle, began) in list(running.items()):
-            if not handle.done():
+    try:
+        while pending or running:
+            for run, reason in list(pending):
+                if any(p in failed for p in needs[run["out"]]):
+                    pending.remove((run, reason))
+                    failed.add(run["out"])
+                    report(run, "not run (an input failed)")
+                elif free_slots and all(p in done for p in needs[run["out"]]):
+                    pending.remove((run, reason))
+                    slot = free_slots.pop(0)
+                    run["out"].parent.mkdir(parents=True, exist_ok=True)
+                    argv = script_argv(run, executor, data_dir=data_dir, device=device)
+                    if in_process_tree:
+                        handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
+                    else:
+                        gpus = job_gpus(run, executor)
+                        if gpus not in clusters:
+                            clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
+                        import submitit
+                        # The threads are set in the job: the login node's environment stays there.
+                        handle = clusters[gpus].submit(submitit.helpers.CommandFunction(
+                            ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
+                    running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
+            if not running:
                 continue
-            del running[out]
-            free_slots.append(slot)
-            try:
-                handle.result()
-            except Exception as err:  # a script's failure, reported with its log; the sweep goes on without it
-                failed.add(out)
-                message = str(err) if in_process_tree else \
-                    f"{_script_error(str(err))} (log: {handle.paths.stderr})"
-                if not may_fail(run):
-                    errors.append(f"{out.name}: {message}")
-                report(run, f"FAILED: {message}")
-                continue
-            done.add(out)
-            report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
+            time.sleep(0.2 if in_process_tree else 2.0)
+            for out, (run, reason, slot, handle, began) in list(running.items()):
+                if not handle.done():
+                    continue
+                del running[out]
+                free_slots.append(slot)
+                try:
+                    handle.result()
+                except Exception as err:  # a script's failure, reported with its log; the sweep goes on without it
+                    failed.add(out)
+                    message = str(err) if in_process_tree else \
+                        f"{_script_error(str(err))} (log: {handle.paths.stderr})"
+                    if not may_fail(run):
+                        errors.append(f"{out.name}: {message}")
+                    report(run, f"FAILED: {message}")
+                    continue
+                done.add(out)
+                report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
+    except KeyboardInterrupt:
+        # Ctrl-C reaches this process's own children, not jobs on a cluster: those would run on, unwatched.
+        jobs = [] if in_process_tree else [handle for *_, handle, _ in running.values()]
+        for handle in jobs:
+            handle.cancel(check=False)
+        raise common.UserError(f"interrupted: {len(running)} run(s) stopped" + (
+            f", {len(jobs)} submitted job(s) cancelled" if jobs else "") + "; finished runs are kept, the same "
+            "command again resumes") from None
     if in_process_tree:
         pool.shutdown()
     if errors:

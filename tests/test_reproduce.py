@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -283,6 +284,38 @@ def test_slurm_jobs_ask_for_the_runs_resources_and_start_retrains_under_torchrun
             assert f"#SBATCH {line}\n" in sbatch, line
     with pytest.raises(reproduce.common.UserError, match="--workers is for --executor local"):
         reproduce.make_executor("slurm", workers=2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_sweeps_slurm_jobs(data_dir, tmp_path):
+    """A stand-in SLURM on PATH (sbatch queues, sacct says RUNNING, scancel records) under the real submitit: the
+    submitted jobs would outlive an interrupted sweep on a cluster, so Ctrl-C cancels exactly those."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "slurm_calls"
+    bin_dir.mkdir()
+    commands = {"sbatch": f'echo "sbatch $$" >> {calls}; echo "Submitted batch job $$"',
+                "sacct": 'echo "JobID|State|NodeList"; for a in "$@"; do case $a in -*|*[!0-9]*) ;; '
+                         '*) echo "$a|RUNNING|node1";; esac; done',
+                "scancel": f'echo "scancel $*" >> {calls}', "srun": "exit 1"}  # srun: only looked for
+    for name, body in commands.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    sweep = subprocess.Popen([sys.executable, "reproduce.py", *map(str, SMOKE), "--out-root", tmp_path, "--data-dir",
+                              data_dir, "--executor", "slurm"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # the runs that need no other run's output are submitted at once
+        if calls.exists() and "sbatch" in calls.read_text():
+            break
+        time.sleep(0.1)
+    time.sleep(3)  # a poll of sacct, so the jobs count as running
+    sweep.send_signal(signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=60)
+    submitted = [line.split()[1] for line in calls.read_text().splitlines() if line.startswith("sbatch")]
+    cancelled = [line.split()[1] for line in calls.read_text().splitlines() if line.startswith("scancel")]
+    assert sweep.returncode == 2 and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"error: interrupted: {len(submitted)} run(s) stopped, {len(submitted)} submitted job(s) "
+                             "cancelled")
+    assert len(submitted) >= 2 and sorted(cancelled) == sorted(submitted)
 
 
 def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launchers_banner(tmp_path):
