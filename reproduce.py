@@ -11,9 +11,9 @@ the Retrain of the same forget set and seed, and report mean +/- std with plots.
 Each run is one of the project's scripts in a subprocess (or a SLURM job); a run starts once the runs that
 write its inputs have finished. Checkpoints go to <out-root>/ckpt/ (shared by the profiles, so the same original
 or Retrain is trained once); a run whose checkpoint exists is skipped, so an interrupted sweep resumes, with any
-executor (Ctrl-C cancels the SLURM jobs it has submitted). Each group's evaluate.py JSON goes to <profile>/evaluations/, each run's log to <profile>/logs/. Writes
-<out-root>/<profile>/results.csv (one row per model and run), table.md (mean +/- std per forget kind and method,
-Retrain first, directions stated) and PNG plots.
+executor (Ctrl-C cancels the SLURM jobs it has submitted). Each group's evaluate.py JSON goes to
+<profile>/evaluations/, each run's log to <profile>/logs/. Writes <out-root>/<profile>/results.csv (one row per
+model and run), table.md (mean +/- std per forget kind and method, Retrain first, directions stated) and PNG plots.
 """
 import argparse
 import collections
@@ -562,9 +562,10 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
         jobs = [] if in_process_tree else [handle for *_, handle, _ in running.values()]
         for handle in jobs:
             handle.cancel(check=False)
-        raise common.UserError(f"interrupted: {len(running)} run(s) stopped" + (
-            f", {len(jobs)} submitted job(s) cancelled" if jobs else "") + "; finished runs are kept, the same "
-            "command again resumes") from None
+        stopped = f"interrupted: {len(running)} run(s) stopped"
+        if jobs:
+            stopped += f", {len(jobs)} submitted job(s) cancelled"
+        raise common.UserError(f"{stopped}; finished runs are kept, the same command again resumes") from None
     if in_process_tree:
         pool.shutdown()
     if errors:
