@@ -767,7 +767,10 @@ def lora_drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A dropout mask shaped and laid out like x, True where an element is dropped: each with probability p,
     p rounded to a multiple of 2**-16 (at most 8e-6 off). Four elements per 64-bit draw of the global generator:
     a quarter of the draws of torch's Bernoulli sampler, which took a fifth of a ResNet-50 LoRA training step
-    on a CPU."""
+    on a CPU. Under torch.compile, one uniform draw per element instead: random_ on int64 would break the graph
+    at every adapted layer, and inductor fuses this draw into the kernel that uses it."""
+    if torch.compiler.is_compiling():
+        return torch.rand_like(x, dtype=torch.float32) < p
     drop = torch.empty_like(x, dtype=torch.bool)  # x's memory layout (channels_last too), so masking streams
     words = torch.empty((drop.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
     bits = words.view(torch.int16)[: drop.numel()]  # uniform on [-2**15, 2**15)

@@ -258,6 +258,33 @@ def test_lora_drop_mask_keeps_one_minus_p_in_the_input_layout_and_draws_anew():
         assert per_slice.min() > 0.88 and per_slice.max() < 0.92
 
 
+@pytest.mark.slow  # an inductor compilation
+def test_the_compiled_lora_drop_mask_keeps_one_minus_p_in_the_input_layout():
+    x = torch.randn(64, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    keep = ~torch.compile(common.lora_drop_mask, fullgraph=True)(x, 0.1)
+    assert keep.shape == x.shape and keep.dtype == torch.bool and keep.stride() == x.stride()
+    assert abs(keep.float().mean().item() - 0.9) < 5 * (0.09 / x.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("arch", ["resnet_tiny", "vit_tiny"])
+def test_dynamo_traces_a_pruned_lora_training_step_as_one_graph(arch):
+    """--compile's premise: with the paper's adapter dropout and frozen BatchNorm folded in, the training forward
+    is one graph. A break at every adapted layer (int64 random_ in the dropout sampler did that) left ResNet-50
+    compiled frame by frame, past dynamo's recompile limit, and made its LoRA step twice as slow as eager."""
+    family = common.ARCHS[arch].family
+    model = _model(arch)
+    common.prune_model(model, family, "l2-structured", 0.5)
+    model = common.add_lora(model, **common.lora_settings(family, dropout=0.1), train_head=True)
+    info = ARCH_INFO[arch]
+    x = torch.randn(4, info.channels, info.size, info.size)
+    torch._dynamo.reset()
+    with common.frozen_batchnorm(model):
+        common.set_train_mode(model, freeze_bn=True)
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
 @pytest.mark.slow  # torch.compile takes most of a minute on 2 CPU cores
 def test_compiled_training_equals_eager_and_saves_the_plain_model():
     """train_loop(compile_model=True) on a pruned LoRA model (the PruneLoRA path, frozen BatchNorm swapped in):
