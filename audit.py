@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import make_pipeline
@@ -122,17 +121,18 @@ def relearn_curve(model, relearn: tuple, held_out: tuple, info, input_size, *, s
     cross-entropy on the relearn set (one seeded batch order, the same for every model)."""
     gen = torch.Generator(device=relearn[0].device).manual_seed(seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    curve = [common.accuracy(common.predict(model, held_out[0], info, input_size), held_out[1])]
+    curve = []
+
+    def record_accuracy(step: int | None = None) -> dict:
+        curve.append(common.accuracy(common.predict(model, held_out[0], info, input_size), held_out[1]))
+        return {}  # nothing for train_loop to log
+    record_accuracy()  # before relearning
     batch_stream = (batch for _ in range(steps) for batch in
                     common.batches(*relearn, batch_size, shuffle=True, gen=gen, drop_last=True))
-    for step, (x, y) in zip(range(steps), batch_stream):
-        model.train()
-        with common.autocast(device):
-            loss = F.cross_entropy(model(common.normalize(x, info, input_size)), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        curve.append(common.accuracy(common.predict(model, held_out[0], info, input_size), held_out[1]))
+    # One step per train_loop "epoch", so that the curve is read after every step.
+    common.train_loop(model, optimizer, steps, lambda step: [next(batch_stream)],
+                      common.ce_loss(info, input_size, augment_batches=False), device=device, desc="relearn",
+                      after_epoch=record_accuracy, log=False)
     return curve
 
 

@@ -1233,13 +1233,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
                after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
-               compile_model: bool = False, measure_activations: bool = False) -> TrainResult:
+               compile_model: bool = False, measure_activations: bool = False, log: bool = True) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
     validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
     torch.compile'd view of the model (same parameters; the first steps pay the compilation).
-    measure_activations records the first step's saved_activation_bytes (not with compile_model)."""
+    measure_activations records the first step's saved_activation_bytes (not with compile_model). log=False
+    keeps the per-epoch JSON lines off the output (for callers whose "epochs" are single steps)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -1279,7 +1280,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
             if after_epoch is not None:
                 record.update(after_epoch(epoch))
             history.append(record)
-            tqdm.write(json.dumps(record))
+            if log:
+                tqdm.write(json.dumps(record))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return TrainResult(time.perf_counter() - start, peak_memory_mb(device), history,

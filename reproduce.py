@@ -514,6 +514,35 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
     else:
         capacity, clusters = executor.parallelism, {}
     free_slots, running = list(range(capacity)), {}
+
+    def submit(run: dict, slot: int):
+        """Start one run in a free slot: a thread's future, or a submitted job."""
+        run["out"].parent.mkdir(parents=True, exist_ok=True)
+        argv = script_argv(run, executor, data_dir=data_dir, device=device)
+        if in_process_tree:
+            return pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
+        gpus = job_gpus(run, executor)
+        if gpus not in clusters:
+            clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
+        import submitit
+        # The threads are set in the job: the login node's environment stays there.
+        return clusters[gpus].submit(submitit.helpers.CommandFunction(
+            ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
+
+    def finish(run: dict, reason: str, handle, began: float) -> None:
+        """A run whose handle is done: done, or failed (the sweep goes on without it and its dependants)."""
+        try:
+            handle.result()
+        except Exception as err:  # a script's failure, reported with its log
+            failed.add(run["out"])
+            message = str(err) if in_process_tree else f"{_script_error(str(err))} (log: {handle.paths.stderr})"
+            if not may_fail(run):
+                errors.append(f"{run['out'].name}: {message}")
+            report(run, f"FAILED: {message}")
+            return
+        done.add(run["out"])
+        report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
+
     try:
         while pending or running:
             for run, reason in list(pending):
@@ -524,39 +553,15 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
                 elif free_slots and all(p in done for p in needs[run["out"]]):
                     pending.remove((run, reason))
                     slot = free_slots.pop(0)
-                    run["out"].parent.mkdir(parents=True, exist_ok=True)
-                    argv = script_argv(run, executor, data_dir=data_dir, device=device)
-                    if in_process_tree:
-                        handle = pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
-                    else:
-                        gpus = job_gpus(run, executor)
-                        if gpus not in clusters:
-                            clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
-                        import submitit
-                        # The threads are set in the job: the login node's environment stays there.
-                        handle = clusters[gpus].submit(submitit.helpers.CommandFunction(
-                            ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
-                    running[run["out"]] = (run, reason, slot, handle, time.perf_counter())
+                    running[run["out"]] = (run, reason, slot, submit(run, slot), time.perf_counter())
             if not running:
                 continue
             time.sleep(0.2 if in_process_tree else 2.0)
             for out, (run, reason, slot, handle, began) in list(running.items()):
-                if not handle.done():
-                    continue
-                del running[out]
-                free_slots.append(slot)
-                try:
-                    handle.result()
-                except Exception as err:  # a script's failure, reported with its log; the sweep goes on without it
-                    failed.add(out)
-                    message = str(err) if in_process_tree else \
-                        f"{_script_error(str(err))} (log: {handle.paths.stderr})"
-                    if not may_fail(run):
-                        errors.append(f"{out.name}: {message}")
-                    report(run, f"FAILED: {message}")
-                    continue
-                done.add(out)
-                report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
+                if handle.done():
+                    del running[out]
+                    free_slots.append(slot)
+                    finish(run, reason, handle, began)
     except KeyboardInterrupt:
         # Ctrl-C reaches this process's own children, not jobs on a cluster: those would run on, unwatched.
         jobs = [] if in_process_tree else [handle for *_, handle, _ in running.values()]
