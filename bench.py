@@ -36,7 +36,6 @@
 Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
 """
 import argparse
-import contextlib
 import functools
 import gc
 import itertools
@@ -138,22 +137,24 @@ def class_forgetting_data(device: torch.device) -> common.Data:
     spec = dict(dataset="cifar10", val_fraction=0.0, split_seed=0, train_subset=0, forget_class=FORGET_CLASS,
                 forget_random=0, forget_seed=None, forget_count=len(forget), forget_hash=common.index_hash(forget),
                 note="random images (bench.py)")
-    return common.Data("cifar10", info, x_train, y_train, x_test, y_test, train, train[:0], forget, retain,
-                       torch.nonzero(y_test != FORGET_CLASS).flatten(), torch.nonzero(y_test == FORGET_CLASS).flatten(),
-                       spec)
+    return common.Data(name="cifar10", info=info, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                       train=train, val=train[:0], forget=forget, retain=retain,
+                       test_retain=torch.nonzero(y_test != FORGET_CLASS).flatten(),
+                       test_forget=torch.nonzero(y_test == FORGET_CLASS).flatten(), spec=spec)
 
 
-def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Module:
+def method_model(arch: str, method: str, device: torch.device, *, fp32: bool = False) -> torch.nn.Module:
     """A randomly initialised model after the method script's steps before its training loop: pruning and LoRA
-    at the script's defaults (no BatchNorm re-estimation: the model is random)."""
+    at the script's defaults (no BatchNorm re-estimation: the model is random). fp32: contiguous, not
+    channels_last."""
     script, prunes, adapts = METHODS[method]
     family = common.ARCHS[arch].family
     common.seed_everything(0)
-    model = common.prepare_model(common.build_model(arch, common.DATASETS["cifar10"]), device)
+    model = common.prepare_model(common.build_model(arch, common.DATASETS["cifar10"]), device, channels_last=not fp32)
     if prunes:
         common.prune_model(model, family, script.PRUNE, script.SPARSITY)
     if method.endswith("-shrink"):
-        model = common.shrink_pruned(model, family)
+        model = common.shrink_pruned(model, family, channels_last=not fp32)
     if adapts:
         dropout = 0.0 if method == "lora-dropout0" else None
         model = common.add_lora(model, **common.lora_settings(family, dropout=dropout), train_head=script.LORA_HEAD)
@@ -162,8 +163,9 @@ def method_model(arch: str, method: str, device: torch.device) -> torch.nn.Modul
 
 def train_method(model, method: str, data: common.Data, device: torch.device, *, batch_size: int,
                  step_limits: tuple[int, ...] | None = None, compile_model: bool = False,
-                 measure_activations: bool = False, after_epoch=None) -> common.TrainResult:
+                 measure_activations: bool = False, after_epoch=None, fp32: bool = False) -> common.TrainResult:
     """The method script's training loop: cross-entropy on Dr with its optimiser, BatchNorm frozen with LoRA.
+    fp32: no bf16 autocast on CUDA, contiguous inputs (bench's baseline).
 
     step_limits: epochs of at most these many steps each (default: the script's EPOCHS whole passes)."""
     script, _, adapts = METHODS[method]
@@ -176,9 +178,9 @@ def train_method(model, method: str, data: common.Data, device: torch.device, *,
         epochs, epoch_batches = script.EPOCHS, retain_pass
     optimizer = common.make_optimizer(script.OPTIMIZER, model.parameters(), script.LR, script.WEIGHT_DECAY)
     return common.train_loop(model, optimizer, epochs, epoch_batches,
-                             common.ce_loss(data.info, None, script.AUGMENT, gen), device=device, desc=method,
-                             freeze_bn=adapts, compile_model=compile_model, measure_activations=measure_activations,
-                             after_epoch=after_epoch)
+                             common.ce_loss(data.info, None, script.AUGMENT, gen, channels_last=not fp32),
+                             device=device, desc=method, freeze_bn=adapts, compile_model=compile_model,
+                             measure_activations=measure_activations, after_epoch=after_epoch, bf16=not fp32)
 
 
 def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
@@ -189,7 +191,7 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
     data = class_forgetting_data(device)
     sync(device)
     start = time.perf_counter()
-    model = method_model(arch, method, device)
+    model = method_model(arch, method, device, fp32=fp32)
     sync(device)
     prep_s = time.perf_counter() - start
     clock = []
@@ -200,7 +202,8 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
         return {}
     # One "epoch" per step: the first the warm-up (allocation, kernel selection), then the timed ones.
     result = train_method(model, method, data, device, batch_size=batch_size, step_limits=(1,) * (steps + 1),
-                          compile_model=compile_model, measure_activations=not compile_model, after_epoch=step_done)
+                          compile_model=compile_model, measure_activations=not compile_model, after_epoch=step_done,
+                          fp32=fp32)
     step_s = statistics.median(later - earlier for earlier, later in itertools.pairwise(clock))
     trainable, total = common.count_params(model)
     return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
@@ -331,28 +334,14 @@ def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> 
     return label + (", torch.compile" if compile_model else "")
 
 
-@contextlib.contextmanager
-def cuda_speedups_off():
-    """fp32 baseline: no bf16 autocast, contiguous model and inputs (common's CUDA defaults undone inside only)."""
-    saved = autocast, prepare_model, normalize = common.autocast, common.prepare_model, common.normalize
-    common.autocast = lambda device: contextlib.nullcontext()
-    common.prepare_model = lambda model, device: model.to(device)
-    common.normalize = lambda *args, **kwargs: normalize(*args, **kwargs).contiguous()
-    try:
-        yield
-    finally:
-        common.autocast, common.prepare_model, common.normalize = saved
-
-
 def one_config(spec: str, device: torch.device, steps: int) -> dict:
     """method_cost of one configuration named ARCH:METHOD:BATCH[:fp32|:compile]."""
     arch, method, batch_size, *variant = spec.split(":")
     gc.collect()  # the configuration before, if any, freed before this one's peak is counted
     if variant == ["compile"]:
         torch.compiler.reset()  # a fresh cache: another model's graphs would count towards the recompile limit
-    with cuda_speedups_off() if variant == ["fp32"] else contextlib.nullcontext():
-        return method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
-                           compile_model=variant == ["compile"])
+    return method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
+                       compile_model=variant == ["compile"])
 
 
 def ft_range(row: dict) -> str:

@@ -16,7 +16,6 @@ On a pruned model only the surviving weights move (the mask multiplies the noisy
 prints the resolved config, the Fisher estimate's time, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +88,7 @@ def main():
     x_retain, _ = data.subset("retain")
     if args.fisher_samples:
         x_retain = common.random_subset(x_retain, args.fisher_samples, gen)
-    start = time.perf_counter()
+    clock = common.Stopwatch(device)
     fisher = retain_fisher(model, x_retain, data.info, common.ARCHS[meta["arch"]].input_size, args.fisher_batch)
     head = common.classifier_name(model) + "."
     forget_row = data.forget_class if args.zero_forget_head else None
@@ -102,8 +101,7 @@ def main():
                 p[forget_row] = 0.0
                 var[forget_row] = FORGET_ROW_VAR * SCALE_HEAD_AND_1D
             p.add_(var.sqrt() * torch.randn(p.shape, device=p.device, generator=gen))
-    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(device), [],
-                                trainable_params=common.count_params(model)[0])
+    result = clock.result(trainable_params=common.count_params(model)[0])
 
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
                                   config=vars(args), result=result, overwrite=args.overwrite)

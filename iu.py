@@ -17,10 +17,10 @@ exactly with the Woodbury identity (the batch form of the Sherman-Morrison recur
 
 prints the resolved config, then Acc(Df), Acc(Dr), test accuracy, cost and the output path.
 """
-import time
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 import common
 
@@ -56,6 +56,19 @@ def mean_gradient(model, x, y, info, input_size, batch_size, names):
     return total / len(x)
 
 
+def per_sample_gradients(model, x: torch.Tensor, y: torch.Tensor, loss_of_logits) -> dict[str, torch.Tensor]:
+    """Gradient of loss_of_logits(logits_i, y_i) w.r.t. each trainable parameter, one per sample (torch.func).
+
+    x is a normalised batch; the model should be in eval mode so BatchNorm uses its running statistics."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(params, xi, yi):
+        return loss_of_logits(functional_call(model, (params, buffers), (xi.unsqueeze(0),)).squeeze(0), yi)
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
 def main():
     parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     g = parser.add_argument_group("influence unlearning")
@@ -80,13 +93,13 @@ def main():
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     x_forget, y_forget = data.subset("forget")
     x_retain, y_retain = data.subset("retain")
-    start = time.perf_counter()
+    clock = common.Stopwatch(device)
 
     # G: per-sample retain gradients, the empirical Fisher's factor.
     pick = torch.randperm(len(x_retain), device=x_retain.device, generator=gen)[:args.fisher_samples]
     per_sample = []
     for xb, yb in common.batches(x_retain[pick], y_retain[pick], args.chunk):
-        grads = common.per_sample_gradients(model, common.normalize(xb, info, input_size), yb,
+        grads = per_sample_gradients(model, common.normalize(xb, info, input_size), yb,
                                             lambda logits, label: F.cross_entropy(logits[None], label[None]))
         per_sample.append(flat(grads, names, per_sample=True))
     fisher_grads = torch.cat(per_sample)
@@ -104,8 +117,7 @@ def main():
             if name in names:
                 p.add_(step[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(device), [],
-                                trainable_params=common.count_params(model)[0])
+    result = clock.result(trainable_params=common.count_params(model)[0])
 
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
                                   config=vars(args), result=result, overwrite=args.overwrite,

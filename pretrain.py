@@ -16,7 +16,6 @@ torchvision's and timm's DDP recipes) and process 0 writes the usual checkpoint.
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -39,18 +38,10 @@ RECIPES = {
     "vit_tiny": dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=200,
                      epochs=5, batch_size=128, grad_clip=1.0),
 }
-RECIPE_DEFAULTS = dict(warmup_steps=0, grad_clip=0.0, mixup=0.0, label_smoothing=0.0, augment=True)
-RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "grad_clip",
-               "mixup", "label_smoothing", "augment")
-
-
-def recipe_of(config: dict) -> dict:
-    """The training recipe's settings (train_recipe's keyword arguments) out of a run's config."""
-    return {key: config[key] for key in RECIPE_KEYS}
 
 
 def parse_args():
-    recipes = "\n".join(f"  {arch}: " + ", ".join(f"{k}={v}" for k, v in dict(RECIPE_DEFAULTS, **r).items())
+    recipes = "\n".join(f"  {arch}: " + ", ".join(f"{k}={v}" for k, v in dict(common.RECIPE_DEFAULTS, **r).items())
                          for arch, r in RECIPES.items())
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="recipe defaults per architecture:\n" + recipes)
@@ -79,94 +70,13 @@ def parse_args():
     args = parser.parse_args()
     if args.arch not in common.ARCHS:
         raise common.UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(common.ARCHS)}")
-    recipe = dict(RECIPE_DEFAULTS, **RECIPES[args.arch])
+    recipe = dict(common.RECIPE_DEFAULTS, **RECIPES[args.arch])
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.mask_from and not args.retrain:
         raise common.UserError("--mask-from trains a sparse Retrain: give --retrain too")
     return args
-
-
-def param_groups(model, weight_decay, matrices_only):
-    """Weight decay on weight matrices only (not biases, norms, embeddings' position table) for AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not matrices_only:
-        return [dict(params=params, weight_decay=weight_decay)]
-    return [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
-            dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-
-
-def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
-    """timm's batch MixUp with the recipe's label smoothing (timm's own default would add 0.1 silently)."""
-    from timm.data import Mixup
-    return Mixup(mixup_alpha=alpha, num_classes=num_classes, label_smoothing=label_smoothing)
-
-
-def train_recipe(model, data: common.Data, device, *, arch: str, retrain: bool, seed: int, epochs: int,
-                 batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str, warmup_steps: int,
-                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_model: bool, desc: str,
-                 start_epoch: int = 0, stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
-    """Train with the recipe on the training split (or Dr with retrain), validating each epoch.
-
-    Runs epochs start_epoch..stop_epoch-1 of the full run's schedule (default: all of them); prune.py
-    replays the run up to its rewind epoch (stop_epoch) and retrains from there (start_epoch). shard=(rank, world
-    size) under torchrun: DistributedDataParallel, each process on its part of every batch (common.batches), and
-    each epoch's history says how many examples the world saw exactly once (all of them, bar drop_last's rest)."""
-    info, input_size = data.info, common.ARCHS[arch].input_size
-    x_fit, y_fit = data.subset("retain" if retrain else "train")
-    # Retrain never sees the forgotten class, so it is validated on the retained classes only.
-    x_val, y_val = data.subset("val")
-    if retrain and data.forget_class is not None:
-        keep = y_val != data.forget_class
-        x_val, y_val = x_val[keep], y_val[keep]
-
-    optim = common.make_optimizer(optimizer, param_groups(model, weight_decay, optimizer == "adamw"), lr,
-                                  weight_decay)
-    steps_per_epoch = len(x_fit) // batch_size
-    scheduler = common.make_scheduler(schedule, optim, epochs * steps_per_epoch, warmup_steps,
-                                      start_step=start_epoch * steps_per_epoch)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rank, world = shard
-    trained, augment_gen, seen = model, gen, None
-    if batch_size % world:
-        raise common.UserError(f"--batch-size {batch_size} must split evenly over {world} processes")
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                                            else None)
-        # The batch order must be the same in every process; the augmentation must not (else the processes'
-        # images of one step would share their crops and flips).
-        augment_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * (rank + 1))
-        seen = torch.zeros(len(x_fit), dtype=torch.long, device=device)
-
-    batch_mixup = make_mixup(mixup, info.num_classes, label_smoothing) if mixup else None
-
-    def loss_fn(model, batch):
-        x, y = batch
-        if augment:
-            x = common.augment(x, info, augment_gen)
-        x = common.normalize(x, info, input_size)
-        if batch_mixup is not None:
-            x, soft = batch_mixup(x, y)
-            return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-
-    def after_epoch(epoch):
-        record = {}
-        if len(y_val) and rank == 0:
-            record["val_acc"] = round(common.accuracy(common.predict(model, x_val, info, input_size), y_val), 3)
-        if seen is not None:
-            torch.distributed.all_reduce(seen)
-            record.update(seen_once=int((seen == 1).sum()), seen_twice_or_more=int((seen > 1).sum()))
-            seen.zero_()
-        return record
-
-    return common.train_loop(
-        trained, optim, (stop_epoch or epochs) - start_epoch,
-        lambda epoch: common.batches(x_fit, y_fit, batch_size, shuffle=True, gen=gen, drop_last=True,
-                                     shard=shard, seen=seen),
-        loss_fn, device=device, scheduler=scheduler, grad_clip=grad_clip, after_epoch=after_epoch, desc=desc,
-        compile_model=compile_model)
 
 
 def mask_of(path: str, arch: str, data: common.Data) -> dict:
@@ -185,12 +95,6 @@ def fit_accuracy(model, data: common.Data, *, arch: str, retrain: bool) -> float
     """Accuracy on the images the model was trained on (eval mode, no augmentation): has it converged?"""
     x_fit, y_fit = data.subset("retain" if retrain else "train")
     return common.accuracy(common.predict(model, x_fit, data.info, common.ARCHS[arch].input_size), y_fit)
-
-
-def test_accuracy(model, data: common.Data, *, arch: str) -> float:
-    """Accuracy on the test set's retained part, for the report only (never for selection)."""
-    x_test, y_test = data.subset("test_retain")
-    return common.accuracy(common.predict(model, x_test, data.info, common.ARCHS[arch].input_size), y_test)
 
 
 def main():
@@ -214,14 +118,14 @@ def main():
     if args.mask_from:
         common.apply_masks(model, mask_of(args.mask_from, args.arch, data))
     model = common.prepare_model(model, device)
-    result = train_recipe(model, data, device, arch=args.arch, retrain=args.retrain, seed=args.seed,
-                          compile_model=args.compile, desc=method, shard=(rank, world), **recipe_of(vars(args)))
+    result = common.train_recipe(model, data, device, arch=args.arch, retrain=args.retrain, seed=args.seed,
+                          compile_model=args.compile, desc=method, shard=(rank, world), **common.recipe_of(vars(args)))
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:
         return  # process 0 reports and saves
 
-    test_acc = test_accuracy(model, data, arch=args.arch)
+    test_acc = common.test_accuracy(model, data, arch=args.arch)
     val_acc = result.history[-1].get("val_acc", float("nan"))
     train_acc = fit_accuracy(model, data, arch=args.arch, retrain=args.retrain)
     common.save_checkpoint(model, out, arch=args.arch, method=method, data=data, config=vars(args), result=result,

@@ -24,7 +24,6 @@ import argparse
 import torch
 
 import common
-import pretrain
 
 SPARSITY = 0.5  # OMP target; Unlearn-Sparse reports 0.5 ... 0.95
 ROUNDS = 0  # 0 = OMP (one shot); k > 0 = IMP, k rounds
@@ -73,7 +72,7 @@ def main():
                                "prune pretrain.py's output")
     # Recipe keys added since the original was trained take their defaults (what that run used).
     # compile: how to run, not what to train: this run's flag.
-    recipe = dict(pretrain.RECIPE_DEFAULTS, **meta["config"]) | dict(compile=args.compile)
+    recipe = dict(common.RECIPE_DEFAULTS, **meta["config"]) | dict(compile=args.compile)
     if args.rewind_epoch is None:
         args.rewind_epoch = default_rewind_epoch(recipe["epochs"])
     if not 0 <= args.rewind_epoch < recipe["epochs"]:
@@ -87,12 +86,12 @@ def main():
     family = common.ARCHS[recipe["arch"]].family
 
     recipe_settings = dict(arch=recipe["arch"], retrain=recipe["retrain"], seed=recipe["seed"],
-                           compile_model=args.compile, **pretrain.recipe_of(recipe))
+                           compile_model=args.compile, **common.recipe_of(recipe))
     # The rewind point: the dense run replayed (same seed, init, batch order, schedule) up to --rewind-epoch.
     common.seed_everything(recipe["seed"])
     rewound = common.prepare_model(common.build_model(recipe["arch"], data.info), device)
     if args.rewind_epoch:
-        replay = pretrain.train_recipe(rewound, data, device, desc="rewind", stop_epoch=args.rewind_epoch,
+        replay = common.train_recipe(rewound, data, device, desc="rewind", stop_epoch=args.rewind_epoch,
                                        shard=(rank, world), **recipe_settings)
         logged = meta["history"][args.rewind_epoch - 1].get("val_acc", float("nan"))
         print(f"rewind point: epoch {args.rewind_epoch} replayed, val acc "
@@ -103,7 +102,7 @@ def main():
     for round_index in range(max(args.rounds, 1)):
         common.global_magnitude_prune(model, family, args.imp_rate if args.rounds else args.sparsity)
         rewind(model, rewind_state)
-        results.append(pretrain.train_recipe(model, data, device, desc=f"{method} round {round_index + 1}",
+        results.append(common.train_recipe(model, data, device, desc=f"{method} round {round_index + 1}",
                                              start_epoch=args.rewind_epoch, shard=(rank, world), **recipe_settings))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -112,7 +111,7 @@ def main():
 
     result = common.TrainResult(sum(r.wall_time_s for r in results), max(r.peak_mem_mb for r in results),
                                 [h for r in results for h in r.history], results[0].trainable_params)
-    test_acc = pretrain.test_accuracy(model, data, arch=recipe["arch"])
+    test_acc = common.test_accuracy(model, data, arch=recipe["arch"])
     val_acc = result.history[-1].get("val_acc", float("nan"))
     saved = common.save_checkpoint(model, out, arch=recipe["arch"], method=method, data=data,
                                    config=dict(recipe, pruning=vars(args)), result=result,

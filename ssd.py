@@ -12,7 +12,6 @@ Works on dense or sparse (prune.py) models: dampening multiplies, so a pruned we
 the weights of whatever model it is given, a merged LoRA checkpoint included.
 The importances depend on the batch size (squares of batch means, not a per-sample Fisher), as upstream.
 """
-import time
 
 import torch
 
@@ -73,12 +72,11 @@ def main():
     common.print_config(METHOD, vars(args))
 
     # The two importances, then one dampening step.
-    start = time.perf_counter()
+    clock = common.Stopwatch(device)
     forget_importance = importance(model, *data.subset("forget"), data.info, input_size, args.batch_size)
     data_importance = importance(model, *data.subset("train"), data.info, input_size, args.batch_size)
     dampened = dampen(model, forget_importance, data_importance, dampening=args.dampening, selection=args.selection)
-    result = common.TrainResult(time.perf_counter() - start, common.peak_memory_mb(device), [],
-                                trainable_params=dampened)
+    result = clock.result(trainable_params=dampened)
 
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
                                   config=vars(args), result=result, overwrite=args.overwrite)

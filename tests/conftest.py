@@ -39,13 +39,25 @@ def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedPr
 def copy_sidecar(source: Path, weights: Path) -> None:
     """Give `weights` the sidecar of `source` with a matching checksum: a file that passes the integrity check."""
     meta = json.loads(common.sidecar_path(source).read_text())
-    meta["weights_sha256"] = common._sha256(weights)
+    meta["weights_sha256"] = common.file_sha256(weights)
     common.sidecar_path(weights).write_text(json.dumps(meta))
+
+
+@pytest.fixture(autouse=True)
+def no_lock_file_left(request):
+    """After every test, no output lock file is left in its folder: a finished or failed run removes its own."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    left = sorted(folder.rglob(".*.lock")) if folder else []
+    assert not left, f"lock files left behind: {left}"
 
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("work")
+    path = tmp_path_factory.mktemp("work")
+    yield path
+    left = sorted(path.rglob(".*.lock"))
+    assert not left, f"lock files left behind: {left}"
 
 
 @pytest.fixture(scope="session")

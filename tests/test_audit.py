@@ -8,24 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-import audit
 import common
 from conftest import run_script
 
 
 def test_steps_to_finds_the_first_step_at_the_target():
-    assert audit.steps_to([0.0, 10.0, 80.0, 95.0, 90.0], 80.0) == 2
-    assert audit.steps_to([0.0, 10.0], 80.0) is None
+    assert common.steps_to([0.0, 10.0, 80.0, 95.0, 90.0], 80.0) == 2
+    assert common.steps_to([0.0, 10.0], 80.0) is None
 
 
 def test_relearn_data_is_one_draw_with_the_held_out_forgotten_images_kept_out(data_dir):
     data = common.make_data("fashion-mnist", data_dir, train_subset=1000, forget_random=100)
-    (x, y), (x_held, _) = audit.relearn_data(data, n_forget=30, n_retain=50, gen=torch.Generator().manual_seed(0))
+    (x, y), (x_held, _) = common.relearn_data(data, n_forget=30, n_retain=50, gen=torch.Generator().manual_seed(0))
     assert len(x) == 80 and len(x_held) == 70  # random-sample: the Df images outside the relearn set
     flat = {tuple(img.flatten().tolist()) for img in x[:30]}
     assert not flat & {tuple(img.flatten().tolist()) for img in x_held}
     with pytest.raises(common.UserError, match="Df has only"):
-        audit.relearn_data(data, n_forget=100, n_retain=50, gen=torch.Generator().manual_seed(0))
+        common.relearn_data(data, n_forget=100, n_retain=50, gen=torch.Generator().manual_seed(0))
 
 
 # A model that memorises its training images (2,000 images, 30 epochs, no augmentation: 100% train accuracy), and
@@ -101,7 +100,7 @@ def test_lira_statistic_on_gaussian_confidences_gives_the_known_auc(shift):
     shadows, images = 200, 100
     members = np.argsort(rng.random((shadows, images)), axis=0) < shadows // 2
     confidence = rng.normal(0, 3, images) + shift * members + rng.normal(0, 1, (shadows, images))
-    result = audit.attack(audit.lira_scores(confidence, members), members, bootstrap=20, seed=0)
+    result = common.lira_attack(common.lira_scores(confidence, members), members, bootstrap=20, seed=0)
     expected = 0.5 * (1 + math.erf(shift / 2))
     assert abs(result["auc"] - expected) < 0.02, (result, expected)
     assert result["auc_std"] < 0.01
@@ -109,9 +108,9 @@ def test_lira_statistic_on_gaussian_confidences_gives_the_known_auc(shift):
 
 def test_challenge_epsilon_is_zero_for_one_distribution_and_the_cap_for_separated_ones():
     values = np.array([0.1, 0.5, 1.3, 2.0, 2.2, 3.1, 4.0, 4.4])
-    assert audit.example_epsilon(values, values.copy()) == 0.0
-    assert audit.example_epsilon(values, values + 100) == audit.EPSILON_CAP
-    assert audit.challenge_points(np.array([0.0, 0.7, audit.EPSILON_CAP]), n_models=8).tolist() == [1, 0.5, 0]
+    assert common.example_epsilon(values, values.copy()) == 0.0
+    assert common.example_epsilon(values, values + 100) == common.EPSILON_CAP
+    assert common.challenge_points(np.array([0.0, 0.7, common.EPSILON_CAP]), n_models=8).tolist() == [1, 0.5, 0]
 
 
 # Six shadows of a small memorising recipe (300-image halves, 40 epochs): the smallest population that runs

@@ -25,7 +25,7 @@ def _model(arch: str) -> nn.Module:
 
 class SharedDropoutMasks(nn.Dropout):
     """Dropout whose masks come, in call order, from one seeded generator; also stands in for
-    common.lora_drop_mask. Two paths that draw their masks in the same order then drop the same elements, however
+    add_lora's drop_mask. Two paths that draw their masks in the same order then drop the same elements, however
     differently each samples its own (peft: torch's Bernoulli; the lean path: 16 random bits per element)."""
     def __init__(self, p: float):
         super().__init__(p)
@@ -38,19 +38,21 @@ class SharedDropoutMasks(nn.Dropout):
         return x * ~self.drop_mask(x, self.p) / (1 - self.p) if self.training else x
 
 
-def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
-                    steps: int = 3) -> dict[str, torch.Tensor]:
+def _trained_merged(arch: str, prune_method: str, dropout: float, steps: int = 3,
+                    **lora_options) -> dict[str, torch.Tensor]:
     """Prune, add LoRA, take a few Adam steps on fixed random batches (seeded), merge; the plain state dict.
-    With dropout, every adapter's dropout masks (peft's dropout modules and common.lora_drop_mask alike) come from
+    With dropout, every adapter's dropout masks (peft's dropout modules and add_lora's drop_mask alike) come from
     a fresh SharedDropoutMasks, so every call drops the same elements."""
     family = common.ARCHS[arch].family
     model = _model(arch)
     if prune_method != "none":
         common.prune_model(model, family, prune_method, 0.5)
-    model = common.add_lora(model, rank=4, alpha=8, dropout=dropout, targets=common.LORA_DEFAULTS[family]["targets"])
-    if dropout:
-        masks = SharedDropoutMasks(dropout)
-        monkeypatch.setattr(common, "lora_drop_mask", masks.drop_mask)
+    masks = SharedDropoutMasks(dropout) if dropout else None
+    if masks is not None:
+        lora_options["drop_mask"] = masks.drop_mask
+    model = common.add_lora(model, rank=4, alpha=8, dropout=dropout, targets=common.LORA_DEFAULTS[family]["targets"],
+                            **lora_options)
+    if masks is not None:
         for m in model.modules():
             if hasattr(m, "lora_dropout"):
                 m.lora_dropout["default"] = masks
@@ -69,12 +71,11 @@ def _trained_merged(arch: str, prune_method: str, dropout: float, monkeypatch,
 
 @pytest.mark.parametrize("arch", ["resnet_tiny", "vit_tiny"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout, monkeypatch):
+def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout):
     # The same dropped elements in both (SharedDropoutMasks): the lean path draws each mask once in forward, as
     # peft does, and keeps it for backward's rebuilding of the dropped input.
-    lean = _trained_merged(arch, "none", dropout, monkeypatch)
-    monkeypatch.setattr(common, "_lora_layer_classes", lambda: {})  # peft's own LoRA layers
-    plain = _trained_merged(arch, "none", dropout, monkeypatch)
+    lean = _trained_merged(arch, "none", dropout)
+    plain = _trained_merged(arch, "none", dropout, lean_forward=False)  # peft's own LoRA layers
     assert lean.keys() == plain.keys()
     for key in lean:
         torch.testing.assert_close(lean[key], plain[key], atol=1e-5, rtol=1e-4, msg=key)
@@ -82,10 +83,9 @@ def test_lean_lora_equals_peft_on_an_unpruned_model(arch, dropout, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["resnet_tiny", "vit_tiny"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_structured_mask_on_the_adapter_output_equals_the_dense_masked_delta(arch, dropout, monkeypatch):
-    lean = _trained_merged(arch, "l2-structured", dropout, monkeypatch)
-    monkeypatch.setattr(common, "output_row_mask", lambda mask: None)  # force M * (BA) and a second conv
-    dense = _trained_merged(arch, "l2-structured", dropout, monkeypatch)
+def test_structured_mask_on_the_adapter_output_equals_the_dense_masked_delta(arch, dropout):
+    lean = _trained_merged(arch, "l2-structured", dropout)
+    dense = _trained_merged(arch, "l2-structured", dropout, factor_row_masks=False)  # M * (BA), a second conv
     for key in lean:
         torch.testing.assert_close(lean[key], dense[key], atol=1e-5, rtol=1e-4, msg=key)
     family = common.ARCHS[arch].family
@@ -164,23 +164,23 @@ def test_adapters_on_layernorm_and_gelu_outputs_keep_their_inputs_and_rebuild_th
     assert not any(m._forward_hooks for m in merged.modules())
 
 
-def test_an_output_changed_in_place_after_its_layernorm_is_not_rebuilt(monkeypatch):
+def test_an_output_changed_in_place_after_its_layernorm_is_not_rebuilt():
     class AddOneInPlace(nn.Module):
         def forward(self, x):
             return x.add_(1.0)
 
-    def gradients():
+    def gradients(lean_forward: bool):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), AddOneInPlace(), nn.Linear(8, 4))
-        model = common.add_lora(net, rank=2, alpha=4, dropout=0.0, targets="3", train_head=False)
+        model = common.add_lora(net, rank=2, alpha=4, dropout=0.0, targets="3", train_head=False,
+                                lean_forward=lean_forward)
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 nn.init.normal_(m.lora_B["default"].weight)
         model(torch.randn(5, 6, generator=torch.Generator().manual_seed(1))).square().sum().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    lean = gradients()
-    monkeypatch.setattr(common, "_lora_layer_classes", lambda: {})  # peft's own LoRA layers
-    plain = gradients()
+    lean = gradients(lean_forward=True)
+    plain = gradients(lean_forward=False)  # peft's own LoRA layers
     assert lean.keys() == plain.keys()
     for name in lean:
         torch.testing.assert_close(lean[name], plain[name], msg=name)
@@ -409,7 +409,7 @@ def test_shrunk_prunelora_trains_exactly_as_the_masked_prunelora(arch):
     targets = common.LORA_DEFAULTS[family]["targets"]
     reference = common.add_lora(common.copy_model(masked), rank=4, alpha=8, dropout=0.0, targets=targets)
     shrunk = common.add_lora(common.shrink_pruned(masked, family), rank=4, alpha=8, dropout=0.0, targets=targets)
-    rows, inputs = common._shrink_plan(masked, family)
+    rows, inputs = common.shrink._shrink_plan(masked, family)
     with torch.no_grad():
         for name, m in reference.named_modules():
             if hasattr(m, "lora_B"):

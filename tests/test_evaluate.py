@@ -7,45 +7,44 @@ import pytest
 import torch
 
 import common
-import evaluate
 from conftest import run_script
 
 
 def test_attacks_on_separable_scores_call_members_members_and_non_members_non_members():
     rng = np.random.default_rng(0)
     members, non_members = rng.uniform(0.9, 1.0, 500), rng.uniform(0.0, 0.1, 500)
-    assert evaluate.mia_efficacy(members, non_members, rng.uniform(0.0, 0.1, 200)) == 100
-    assert evaluate.mia_efficacy(members, non_members, rng.uniform(0.9, 1.0, 200)) == 0
+    assert common.mia_efficacy(members, non_members, rng.uniform(0.0, 0.1, 200)) == 100
+    assert common.mia_efficacy(members, non_members, rng.uniform(0.9, 1.0, 200)) == 0
     # Loss: members have low loss. Entropy attack reports the member fraction (lower = more forgotten).
-    assert evaluate.loss_mia(non_members, members, rng.uniform(0.9, 1.0, 200)) == 100
-    assert evaluate.entropy_mia(non_members, members, rng.uniform(0.0, 0.1, 200)) == 100
-    assert evaluate.entropy_mia(non_members, members, rng.uniform(0.9, 1.0, 200)) == 0
+    assert common.loss_mia(non_members, members, rng.uniform(0.9, 1.0, 200)) == 100
+    assert common.entropy_mia(non_members, members, rng.uniform(0.0, 0.1, 200)) == 100
+    assert common.entropy_mia(non_members, members, rng.uniform(0.9, 1.0, 200)) == 0
 
 
 def test_attacks_cannot_tell_identical_distributions_apart():
     rng = np.random.default_rng(1)
     members, non_members, forget = (rng.uniform(0, 1, n) for n in (2000, 2000, 2000))
-    for score in (evaluate.mia_efficacy(members, non_members, forget), evaluate.loss_mia(members, non_members, forget)):
+    for score in (common.mia_efficacy(members, non_members, forget), common.loss_mia(members, non_members, forget)):
         assert 15 < score < 85  # no systematic one-sided verdict (a constant attacker would give 0 or 100)
 
 
 def test_distances_to_a_model_itself_are_zero_and_js_of_disjoint_outputs_is_ln2():
     logits = torch.randn(100, 10)
-    assert evaluate.activation_distance(logits, logits) == pytest.approx(0, abs=1e-7)
-    assert evaluate.js_divergence(logits, logits) == pytest.approx(0, abs=1e-9)
+    assert common.activation_distance(logits, logits) == pytest.approx(0, abs=1e-7)
+    assert common.js_divergence(logits, logits) == pytest.approx(0, abs=1e-9)
     one_hot_a = torch.full((5, 10), -1e4).scatter(1, torch.zeros(5, 1, dtype=torch.long), 1e4)
     one_hot_b = torch.full((5, 10), -1e4).scatter(1, torch.ones(5, 1, dtype=torch.long), 1e4)
-    assert evaluate.js_divergence(one_hot_a, one_hot_b) == pytest.approx(math.log(2), abs=1e-6)
-    assert evaluate.activation_distance(one_hot_a, one_hot_b) == pytest.approx(math.sqrt(2), abs=1e-6)
+    assert common.js_divergence(one_hot_a, one_hot_b) == pytest.approx(math.log(2), abs=1e-6)
+    assert common.activation_distance(one_hot_a, one_hot_b) == pytest.approx(math.sqrt(2), abs=1e-6)
     # Per sample, not on the batch mean: two samples swapped between two models still differ.
     swapped = torch.cat([one_hot_b[:1], one_hot_a[:1]])
-    assert evaluate.js_divergence(torch.cat([one_hot_a[:1], one_hot_b[:1]]), swapped) == pytest.approx(math.log(2))
+    assert common.js_divergence(torch.cat([one_hot_a[:1], one_hot_b[:1]]), swapped) == pytest.approx(math.log(2))
 
 
 def test_avg_gap_is_the_mean_absolute_gap_over_ua_ra_ta_mia():
     retrain = dict(UA=100, RA=100, TA=90, mia_efficacy=100)
     row = dict(UA=90, RA=98, TA=92, mia_efficacy=80)
-    assert evaluate.avg_gap(row, retrain) == pytest.approx((10 + 2 + 2 + 20) / 4)
+    assert common.avg_gap(row, retrain) == pytest.approx((10 + 2 + 2 + 20) / 4)
 
 
 @pytest.fixture(scope="module")

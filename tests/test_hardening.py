@@ -43,15 +43,6 @@ def test_two_concurrent_runs_with_one_output_exactly_one_succeeds(original, data
 
 
 @pytest.mark.slow
-def test_two_first_runs_unpack_fashion_mnist_side_by_side(tmp_path):
-    data = tmp_path / "fresh_data"
-    runs = [_popen("pretrain.py", "--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "300",
-                   "--epochs", "1", "--seed", seed, "--data-dir", data, "--out", tmp_path / f"o{seed}.safetensors")
-            for seed in (0, 1)]
-    assert [run.wait(timeout=600) for run in runs] == [0, 0], [run.stderr.read()[-1000:] for run in runs]
-
-
-@pytest.mark.slow
 def test_evaluate_refuses_one_file_for_json_and_md_and_bench_keeps_its_outputs(original, retrain, data_dir,
                                                                                 tmp_path):
     same = tmp_path / "out.txt"

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from sklearn.svm import SVC
 
 import common
-import evaluate
 import ff
 import pretrain
 import rl
@@ -40,13 +39,13 @@ def _upstream_svc_mia(shadow_train_conf, shadow_test_conf, target_test_conf):
 
 def test_mia_efficacy_draw_0_is_the_unlearn_sparse_protocol_exactly():
     retain, test, forget = _fixed_logits(3000, 0.9, 0), _fixed_logits(1000, 0.6, 1), _fixed_logits(400, 0.75, 2)
-    conf = {name: evaluate.true_class_confidence(*part) for name, part in
+    conf = {name: common.true_class_confidence(*part) for name, part in
             (("retain", retain), ("test", test), ("forget", forget))}
     # Upstream: members = Subset(retain_dataset, range(len(test))), unshuffled; all of the test set; no cap.
     expected = _upstream_svc_mia(conf["retain"][:1000], conf["test"], conf["forget"])
-    result = evaluate.membership_attacks(retain, test, forget, draws=5)
+    result = common.membership_attacks(retain, test, forget, draws=5)
     assert result["mia_efficacy_draws"][0] == pytest.approx(expected, abs=0.1)
-    assert evaluate.shadow_members(3000, 1000, 0).tolist() == list(range(1000))
+    assert common.mia_members(3000, 1000, 0).tolist() == list(range(1000))
     # The other draws are random member sets of the same size: a spread, around the same value.
     assert len(set(result["mia_efficacy_draws"])) > 1 and result["mia_efficacy_std"] > 0
     assert result["mia_efficacy"] == pytest.approx(np.mean(result["mia_efficacy_draws"]))
@@ -55,24 +54,24 @@ def test_mia_efficacy_draw_0_is_the_unlearn_sparse_protocol_exactly():
 
 def test_mia_efficacy_mean_over_draws_is_stable_to_which_draws_are_taken():
     retain, test, forget = _fixed_logits(3000, 0.9, 3), _fixed_logits(1000, 0.6, 4), _fixed_logits(400, 0.75, 5)
-    conf = [evaluate.true_class_confidence(*part) for part in (retain, test, forget)]
+    conf = [common.true_class_confidence(*part) for part in (retain, test, forget)]
 
     def mean_over(draws):
-        return np.mean([evaluate.mia_efficacy(conf[0][evaluate.shadow_members(3000, 1000, d)], conf[1], conf[2])
+        return np.mean([common.mia_efficacy(conf[0][common.mia_members(3000, 1000, d)], conf[1], conf[2])
                         for d in draws])
 
     assert mean_over([0, 1, 2, 3, 4]) == pytest.approx(mean_over([0, 5, 6, 7, 8]), abs=3)
 
 
-def test_predict_fp32_ignores_autocast(monkeypatch):
+def test_predict_fp32_ignores_autocast():
     """Metrics come from float32 logits even where training runs under bf16 autocast (CUDA)."""
     model = common.build_model("resnet_tiny", common.DATASETS["fashion-mnist"]).eval()
     x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     info = common.DATASETS["fashion-mnist"]
     exact = common.predict(model, x, info)
-    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert not torch.equal(common.predict(model, x, info), exact)  # bf16 logits do differ
-    assert torch.equal(common.predict(model, x, info, fp32=True), exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a caller on CUDA runs under bf16
+        assert not torch.equal(common.predict(model, x, info), exact)  # bf16 logits do differ
+        assert torch.equal(common.predict(model, x, info, fp32=True), exact)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ def test_sparse_rows_are_scored_against_the_sparse_retrain(omp, sparse_retrain, 
     assert rows["pruneft"]["reference"] == "retrain"  # pruned during unlearning: dense reference ...
     assert rows["pruneft"]["avg_gap_other"] is not None  # ... and the sparse one beside it
     assert rows["retrain-sparse"]["avg_gap"] == 0 or rows["retrain-sparse"]["reference"] == "retrain"
-    gap = evaluate.avg_gap(rows["finetune"], rows["retrain-sparse"])
+    gap = common.avg_gap(rows["finetune"], rows["retrain-sparse"])
     assert rows["finetune"]["avg_gap"] == pytest.approx(gap)
 
 
@@ -236,9 +235,9 @@ def test_ff_fisher_and_noise_scale_on_a_model_with_a_known_fisher():
 def test_mixup_uses_the_recipes_label_smoothing_not_timms_default():
     assert pretrain.RECIPES["vit_small"]["label_smoothing"] == 0.0
     x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    _, soft = pretrain.make_mixup(0.2, 10, 0.0)(x, y)
+    _, soft = common.make_mixup(0.2, 10, 0.0)(x, y)
     assert torch.equal(soft, F.one_hot(y, 10).float())  # same labels mixed: no mass leaks to other classes
-    _, smoothed = pretrain.make_mixup(0.2, 10, 0.1)(x, y)
+    _, smoothed = common.make_mixup(0.2, 10, 0.1)(x, y)
     assert smoothed[0, 1] > 0
 
 

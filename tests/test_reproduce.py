@@ -215,7 +215,7 @@ def test_bench_whole_runs_time_the_scripts_between_two_ft_runs(data_dir, tmp_pat
 
 def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(tmp_path):
     import reproduce
-    profile = dict(reproduce.PROFILES["cpu-fashion-sparse"], forgets=[["--forget-class", "3"]])
+    profile = dict(common.PROFILES["cpu-fashion-sparse"], forgets=[["--forget-class", "3"]])
     runs, groups = reproduce.plan_tuning(profile, ["ga", "rl"], [0], tmp_path)
     (group,) = groups
     assert [m for m, _ in group["candidates"].values()] == ["ga"] * 2  # rl is not tuned
@@ -237,13 +237,12 @@ def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(
 
 
 def test_every_profile_names_only_known_methods_and_tunes_only_its_own():
-    import reproduce
-    assert set(reproduce.TUNING) <= set(reproduce.METHODS)
-    for name, profile in reproduce.PROFILES.items():
-        assert set(profile["methods"]) <= set(reproduce.METHODS), name
-        assert set(profile.get("tune", [])) <= set(profile["methods"]) & set(reproduce.TUNING), name
-    for method, (script, _) in reproduce.METHODS.items():
-        assert (reproduce.Path(__file__).parents[1] / script).exists(), method
+    assert set(common.TUNING) <= set(common.METHODS)
+    for name, profile in common.PROFILES.items():
+        assert set(profile["methods"]) <= set(common.METHODS), name
+        assert set(profile.get("tune", [])) <= set(profile["methods"]) & set(common.TUNING), name
+    for method, (script, _) in common.METHODS.items():
+        assert (ROOT / script).exists(), method
 
 
 def test_compare_keeps_the_shared_settings_and_seeds_and_each_model_once(tmp_path):
@@ -251,41 +250,41 @@ def test_compare_keeps_the_shared_settings_and_seeds_and_each_model_once(tmp_pat
 
     def row(forget, seed, label, path):
         return dict(arch="resnet_tiny", forget=forget, seed=seed, label=label, method=label, path=path,
-                    reference="retrain", **{k: 1.0 for k in reproduce.METRICS})
+                    reference="retrain", **{k: 1.0 for k in common.METRICS})
     first = [row(f, s, label, f"{f}_{label}_s{s}") for f in ("class3", "class0") for s in (0, 1)
              for label in ("retrain", "finetune")]
     second = [row(f, s, label, f"{f}_{label}_s{s}") for f in ("class3", "random1200") for s in (0, 1, 2)
               for label in ("retrain", "salun")]
     for name, rows in (("a", first), ("b", second)):
         (tmp_path / name).mkdir()
-        reproduce.write_rows(tmp_path / name / "results.csv", rows, name)
-    merged = reproduce.compare_rows(["a", "b"], tmp_path)
+        common.write_rows(tmp_path / name / "results.csv", rows, name)
+    merged = common.compare_rows(["a", "b"], tmp_path)
     assert {(r["forget"], r["seed"]) for r in merged} == {("class3", 0), ("class3", 1)}
     assert sorted(r["label"] for r in merged) == ["finetune"] * 2 + ["retrain"] * 2 + ["salun"] * 2
     with pytest.raises(reproduce.common.UserError, match="share no"):
-        reproduce.compare_rows(["a", "b"], tmp_path, forgets=["random1200"])
+        common.compare_rows(["a", "b"], tmp_path, forgets=["random1200"])
 
 
 def test_slurm_jobs_ask_for_the_runs_resources_and_start_retrains_under_torchrun(monkeypatch, tmp_path):
     import reproduce
     from submitit.slurm.slurm import _make_sbatch_string
-    monkeypatch.setattr(reproduce.shutil, "which", lambda name: f"/usr/bin/{name}")  # as on a login node
-    executor = reproduce.make_executor("slurm", partition="gpu", time_min=720, gpus=1, cpus=8, parallelism=64,
+    monkeypatch.setattr(common.executors.shutil, "which", lambda name: f"/usr/bin/{name}")  # as on a login node
+    executor = common.make_executor("slurm", partition="gpu", time_min=720, gpus=1, cpus=8, parallelism=64,
                                        ddp=4)
-    runs, _ = reproduce.plan(reproduce.PROFILES["paper-cifar10"], ["finetune"], [0], tmp_path)
+    runs, _ = reproduce.plan(common.PROFILES["paper-cifar10"], ["finetune"], [0], tmp_path)
     retrain = next(r for r in runs if r["kind"] == "retrain")
     method = next(r for r in runs if r["kind"] == "method")
-    argv = reproduce.script_argv(retrain, executor, data_dir="data", device="auto")
+    argv = common.script_argv(retrain, executor, data_dir="data", device="auto")
     assert argv[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "pretrain.py"]
-    assert reproduce.script_argv(method, executor, data_dir="data", device="auto")[1] == "finetune.py"
+    assert common.script_argv(method, executor, data_dir="data", device="auto")[1] == "finetune.py"
     for run, gpus in ((retrain, 4), (method, 1)):
-        assert reproduce.job_gpus(run, executor) == gpus
-        pool = reproduce._submitit_executor(executor, tmp_path, gpus)
+        assert common.job_gpus(run, executor) == gpus
+        pool = common.executors._submitit_executor(executor, tmp_path, gpus)
         sbatch = _make_sbatch_string(command="x", folder=tmp_path, **pool.parameters)
         for line in ("--partition=gpu", "--time=720", f"--gpus-per-node={gpus}", "--cpus-per-task=8"):
             assert f"#SBATCH {line}\n" in sbatch, line
     with pytest.raises(reproduce.common.UserError, match="--workers is for --executor local"):
-        reproduce.make_executor("slurm", workers=2)
+        common.make_executor("slurm", workers=2)
 
 
 @pytest.mark.slow
@@ -330,7 +329,7 @@ def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launcher
     for how, reason in (("crash", "RuntimeError: rank 1 broke"), ("user", "error: a bad flag")):
         log = tmp_path / f"{how}.log"
         with pytest.raises(reproduce.common.UserError) as failure:
-            reproduce._run_process([*torchrun, how], dict(os.environ, OMP_NUM_THREADS="1"), log)
+            common.executors._run_process([*torchrun, how], dict(os.environ, OMP_NUM_THREADS="1"), log)
         assert str(failure.value) == f"{reason} (log: {log})"  # once, though both processes may print it
         assert "ChildFailedError" in log.read_text()  # torchrun's own report, ending in a line of '='
 

@@ -1,0 +1,284 @@
+"""Per-example membership on a shadow population (audit.py lira): U-LiRA (Hayes et al. 2024, Sec. 4) and the
+NeurIPS 2023 challenge's forget quality (Triantafillou et al. 2024, Sec. 3; google-deepmind/unlearning_evaluation,
+metric.py). Shadow k of N trains an original on its half of the training split (each image in exactly N/2
+halves), forgets the images of one fixed target pool that its half holds with each method, and is retrained
+without them."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .system import pick_device
+from .data import Data, data_from_spec
+from .models import ARCHS
+from .training import accuracy, predict
+from .outputs import save_png, write_text
+from .checkpoints import load_checkpoint, read_sidecar
+from .executors import Executor
+from .rungraph import run_graph
+
+
+# U-LiRA: the shadow population. Hayes et al. use 64-128 models; N = 16 tiny ones fit 2 CPU cores in under an hour.
+SHADOWS = 16
+
+
+POOL = 500  # target images; each shadow forgets the ~POOL/2 of them its half holds
+
+
+BOOTSTRAP = 200  # resamples of the target images for the sampling error
+
+
+# The NeurIPS 2023 challenge's forget quality (google-deepmind/unlearning_evaluation, metric.py)
+DELTA = 1e-5
+
+
+EPSILON_CAP = 50.0
+
+
+THRESHOLDS_PER_UNIT = 100
+
+
+def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """log p_y - log sum_{k != y} p_k, computed from the logits (the softmax's normaliser cancels), float64."""
+    logits = logits.double()
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return (correct - torch.logsumexp(others, dim=1)).numpy()
+
+
+def shadow_runs(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int, pool: int, pool_seed: int,
+                ckpt_dir: Path) -> tuple[list[dict], dict[str, list[Path]]]:
+    """The population's training runs in dependency order ({kind, out, cmd}, as run_graph takes them), and
+    per model name ("original", "retrain", each method) its N checkpoints. Shadow k trains with seed k."""
+    if shadows < 6 or shadows % 2:
+        raise UserError(f"--shadows {shadows}: need an even number, at least 6 (each world's Gaussian "
+                               "needs two models after leaving one out)")
+    forget = ["--forget-random", pool, "--forget-seed", pool_seed]
+    runs, models = [], {name: [] for name in ("original", "retrain", *methods)}
+    for k in range(shadows):
+        base = ["pretrain.py", *pretrain, "--shadow", f"{k}/{shadows}"]
+        tag = f"shadow{k}of{shadows}"
+        original = ckpt_dir / f"{tag}_original.safetensors"
+        runs.append(dict(kind="original", out=original, cmd=[*base, "--seed", k]))
+        runs.append(dict(kind="retrain", out=ckpt_dir / f"{tag}_retrain.safetensors",
+                         cmd=[*base, "--retrain", *forget, "--seed", k]))
+        for name, (script, *flags) in methods.items():
+            runs.append(dict(kind="method", out=ckpt_dir / f"{tag}_{name}.safetensors",
+                             cmd=[script, "--model", original, *forget, *flags, "--seed", k]))
+        for name, run in zip(models, runs[-len(models):]):
+            models[name].append(run["out"])
+    return runs, models
+
+
+def lira_scores(confidence: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """U-LiRA's per-example likelihood ratio, leave one shadow out.
+
+    confidence [N shadows, n images]: one model per shadow (a method's, Retrain's or the original's);
+    members [N, n]: the shadow's half held the image (so the method forgot it; elsewhere it never saw it). Each
+    (shadow, image) is scored with Gaussians fit on the other shadows: log N(c; in) - log N(c; out), higher =
+    "was learned". Means per image, each world's variance pooled over images: LiRA's fixed-variance variant
+    (Carlini et al. 2022), which its authors found stronger with few shadows; per-image variances from 7 models
+    bias the test towards the world with more models."""
+    scores = np.empty_like(confidence)
+    for k in range(len(confidence)):
+        rest_c, rest_m = np.delete(confidence, k, 0), np.delete(members, k, 0)
+        log_densities = []
+        for world in (rest_m, ~rest_m):
+            values = np.where(world, rest_c, np.nan)
+            mean = np.nanmean(values, 0)
+            std = np.sqrt(np.nanmean((values - mean) ** 2))
+            log_densities.append(-0.5 * ((confidence[k] - mean) / std) ** 2 - np.log(std))
+        scores[k] = log_densities[0] - log_densities[1]
+    return scores
+
+
+def roc_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """AUC and the TPR at 1% and 0.1% FPR (the largest TPR whose FPR does not exceed it)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return dict(auc=float(roc_auc_score(labels, scores)), tpr_at_1pct=float(tpr[fpr <= 0.01].max()),
+                tpr_at_01pct=float(tpr[fpr <= 0.001].max()))
+
+
+def lira_attack(scores: np.ndarray, members: np.ndarray, *, bootstrap: int, seed: int) -> dict:
+    """roc_summary over every (shadow, image), and its standard deviation over resamples of the images."""
+    summary = roc_summary(scores.ravel(), members.ravel())
+    rng = np.random.default_rng(seed)
+    draws = [roc_summary(scores[:, pick].ravel(), members[:, pick].ravel())
+             for pick in (rng.integers(0, scores.shape[1], scores.shape[1]) for _ in range(bootstrap))]
+    summary.update({f"{key}_std": float(np.std([d[key] for d in draws])) for key in list(summary)})
+    return summary
+
+
+def _rates(pos: np.ndarray, neg: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TPR and FPR of the rule "positive if lower <= c <= upper", one value per threshold pair."""
+    def share_inside(values):
+        values = np.sort(values)
+        return (np.searchsorted(values, upper, "right") - np.searchsorted(values, lower, "left")) / len(values)
+    return share_inside(pos), share_inside(neg)
+
+
+def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, delta: float = DELTA) -> float:
+    """The challenge's per-example epsilon from one image's confidences under the unlearned and the retrained
+    models: the most any threshold rule (one threshold, or an interval around the peakier group) separates them,
+    eps = max(log(1 - delta - FPR) - log FNR, log(1 - delta - FNR) - log FPR), clipped to [0, EPSILON_CAP]; as
+    metric.py, including its edge cases (a group 100x peakier than the other scores the cap; a rule with FPR or
+    FNR 0 but not both is dropped as under-sampled; perfect separation scores the cap)."""
+    pos, neg = (retrained, unlearned) if np.median(retrained) > np.median(unlearned) else (unlearned, retrained)
+    spread_pos, spread_neg = np.ptp(pos), np.ptp(neg)
+    smallest, largest = sorted((spread_pos, spread_neg))
+    if largest == 0:
+        return 0.0 if pos[0] == neg[0] else EPSILON_CAP
+    if smallest / largest < 0.01:
+        return EPSILON_CAP
+    low, high = min(pos.min(), neg.min()), max(pos.max(), neg.max())
+    single = np.linspace(low, high, math.ceil((high - low) * THRESHOLDS_PER_UNIT))
+    tpr_s, fpr_s = _rates(pos, neg, single, np.full_like(single, np.inf))
+    peaky = pos if spread_pos < spread_neg else neg  # the double rule: an interval of about its width
+    other = neg if spread_pos < spread_neg else pos
+    buffer = 2.0
+    right = np.linspace(peaky.min() + smallest - buffer, peaky.max() + buffer,
+                        math.ceil((peaky.max() - peaky.min() - smallest + 2 * buffer) * THRESHOLDS_PER_UNIT))
+    offsets = np.linspace(-smallest - buffer, -smallest + buffer, math.ceil(2 * buffer * THRESHOLDS_PER_UNIT))
+    tpr_d, fpr_d = _rates(peaky, other, (right[:, None] + offsets).ravel(), np.repeat(right, len(offsets)))
+    tpr, fpr = np.concatenate([tpr_s, tpr_d]), np.concatenate([fpr_s, fpr_d])
+    fnr = 1 - tpr
+    if np.any((fpr == 0) & (fnr == 0)):
+        return EPSILON_CAP
+    keep = (fpr > 0) & (fnr > 0)
+    if not keep.any():
+        return 0.0
+    fpr, fnr = fpr[keep], fnr[keep]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eps = np.fmax(np.log(1 - delta - fpr) - np.log(fnr), np.log(1 - delta - fnr) - np.log(fpr))
+    return float(np.clip(np.nanmax(eps), 0, EPSILON_CAP))
+
+
+def challenge_points(epsilons: np.ndarray, n_models: int) -> np.ndarray:
+    """The challenge's points per example (forget quality is their mean): 1 for eps in [0, 0.5), halving per
+    0.5-wide bucket up to ceil(log(n_models - 1)), 0 beyond; with few models the buckets are few and coarse."""
+    max_epsilon = math.ceil(math.log(n_models - 1))
+    buckets = np.floor(np.asarray(epsilons) / 0.5)
+    return np.where(buckets < 2 * max_epsilon, 0.5 ** buckets, 0.0)
+
+
+def shadow_outputs(paths: list[Path], shadow_data: list[Data], pool: tuple, test: tuple,
+                   device) -> tuple[np.ndarray, tuple[float, float]]:
+    """Per shadow model, its logit-scaled confidence on each pool image [N, n]; and (RA, TA) averaged over them:
+    accuracy on each shadow's own retain set and on the test set."""
+    confidence, ra, ta = [], [], []
+    for path, data in zip(paths, shadow_data):
+        model, meta = load_checkpoint(path, device)
+        input_size = ARCHS[meta["arch"]].input_size
+        confidence.append(logit_confidence(predict(model, pool[0], data.info, input_size, fp32=True),
+                                           pool[1].cpu()))
+        x_retain, y_retain = data.subset("retain")
+        ra.append(accuracy(predict(model, x_retain, data.info, input_size), y_retain))
+        ta.append(accuracy(predict(model, test[0], data.info, input_size), test[1]))
+    return np.stack(confidence), (float(np.mean(ra)), float(np.mean(ta)))
+
+
+def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = SHADOWS, pool: int = POOL,
+         pool_seed: int = 0, ckpt_dir: str | Path, data_dir: str = "./data", device: str = "auto",
+         bootstrap: int = BOOTSTRAP, seed: int = 0, executor=None) -> dict:
+    """Train (or resume) the shadow population (on executor, an Executor; default serial) and score every
+    method, the original (ceiling) and Retrain against itself (floor). Returns {rows, roc, ...} (roc: per model its
+    ROC curve's points, for the plot)."""
+    from sklearn.metrics import roc_curve
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    runs, models = shadow_runs(pretrain, methods, shadows=shadows, pool=pool, pool_seed=pool_seed,
+                               ckpt_dir=ckpt_dir)
+    run_graph(runs, executor or Executor(), data_dir=data_dir, device=device,
+                        log_dir=ckpt_dir / "logs")
+    device = pick_device(device)
+    # The pool as the un-halved split draws it; a shadow's members are the pool images its own forget set holds.
+    spec = dict(read_sidecar(models["retrain"][0])["data"], shadow=None)
+    pool_data = data_from_spec(dict(spec, forget_hash=None), data_dir, device)
+    shadow_data = [data_from_spec(read_sidecar(path)["data"], data_dir, device)
+                   for path in models["retrain"]]
+    members = np.stack([torch.isin(pool_data.forget, data.forget).cpu().numpy() for data in shadow_data])
+    confidence, utility = {}, {}
+    for name, paths in models.items():
+        confidence[name], utility[name] = shadow_outputs(paths, shadow_data, pool_data.subset("forget"),
+                                                         pool_data.subset("test"), device)
+    rows, roc = [], {}
+    n_models = shadows // 2
+    for name in ("retrain", "original", *methods):
+        scores = lira_scores(confidence[name], members)
+        row = dict(model=name, **lira_attack(scores, members, bootstrap=bootstrap, seed=seed))
+        # The challenge's pair per image: the method's models that forgot it, the Retrains that never saw it.
+        epsilons = np.array([example_epsilon(confidence[name][members[:, i], i],
+                                             confidence["retrain"][~members[:, i], i])
+                             for i in range(members.shape[1])])
+        points = challenge_points(epsilons, n_models)
+        quality = float(points.mean())
+        (ra_u, ta_u), (ra_r, ta_r) = utility[name], utility["retrain"]
+        row.update(forget_quality=quality, forget_quality_std=float(points.std() / math.sqrt(len(points))),
+                   challenge_score=quality * (ra_u / ra_r) * (ta_u / ta_r),
+                   median_epsilon=float(np.median(epsilons)), RA=ra_u, TA=ta_u)
+        rows.append(row)
+        fpr, tpr, _ = roc_curve(members.ravel(), scores.ravel())
+        roc[name] = dict(fpr=fpr.tolist(), tpr=tpr.tolist())
+    return dict(rows=rows, roc=roc, shadows=shadows, pool=pool, models_per_world=n_models)
+
+
+def lira_markdown(result: dict) -> str:
+    """U-LiRA's and the challenge's table: mean (± sd over resamples of the target images); directions stated."""
+    def pm(row, key, scale=1.0, digits=3):
+        return f"{row[key] * scale:.{digits}f} ± {row[key + '_std'] * scale:.{digits}f}"
+    lines = ["| model | U-LiRA AUC (0.5 = as Retrain) ↓ | TPR @ 1% FPR (%) ↓ | TPR @ 0.1% FPR (%) ↓ | "
+             "challenge forget quality ↑ | challenge score ↑ | median eps ↓ | RA | TA |", "|" + "---|" * 9]
+    lines += [f"| {r['model']} | {pm(r, 'auc')} | {pm(r, 'tpr_at_1pct', 100, 2)} | {pm(r, 'tpr_at_01pct', 100, 2)} | "
+              f"{pm(r, 'forget_quality')} | {r['challenge_score']:.3f} | {r['median_epsilon']:.2f} | {r['RA']:.2f} | "
+              f"{r['TA']:.2f} |" for r in result["rows"]]
+    k = result["models_per_world"]
+    legend = (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
+              f"{k} shadows and never seen by {k}. U-LiRA: can a method's model tell an image it forgot from one it "
+              "never saw? ↓ = less; retrain (exact unlearning) is the floor this many shadows allow (0.5 up to "
+              "sampling error), original (no unlearning) the ceiling. ± = sd over bootstrap resamples of the target "
+              f"images. Challenge forget quality: per forgotten image, {k} of the method's models against {k} "
+              f"Retrains that never saw it (the challenge used 512 each), eps in 0.5-wide buckets up to "
+              f"ceil(log({k} - 1)), so it is coarse and Retrain against Retrain scores below 1; score = quality x "
+              "RA/RA_retrain x TA/TA_retrain (± for quality: its standard error over the images). RA, TA: mean "
+              "accuracy (%) over the shadows.")
+    return "\n".join(lines) + "\n\n" + legend
+
+
+def write_lira(result: dict, *, pretrain: list[str], methods: dict[str, list[str]], md: str | Path | None = None,
+               json_path: str | Path | None = None, plot: str | Path | None = None) -> str:
+    """lira's report (returned), and on request its markdown, its JSON (rows, ROC curves, settings) and ROC plot."""
+    report = f"lira: {' '.join(pretrain)}\n\n{lira_markdown(result)}\n"
+    if json_path:
+        # One line: the ROC curves hold a point per threshold, thousands per model.
+        write_text(Path(json_path), json.dumps(dict(audit="lira", pretrain=pretrain, methods=methods,
+                                                             **result)))
+    if md:
+        write_text(Path(md), report)
+    if plot:
+        roc_plot(result, Path(plot))
+    return report
+
+
+def roc_plot(result: dict, path: Path) -> None:
+    """The lira_attack's ROC curve per model, both axes logarithmic (the low-FPR regime is what matters)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for i, (name, curve) in enumerate(result["roc"].items()):
+        style = dict(color="black", linestyle="--") if name == "retrain" else \
+            dict(color="grey", linestyle=":") if name == "original" else dict(color=plt.get_cmap("tab20")(i))
+        ax.plot(curve["fpr"], curve["tpr"], label=name, **style)
+    ax.plot([1e-4, 1], [1e-4, 1], color="lightgrey", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1), xlabel="false positive rate",
+           ylabel="true positive rate", title=f"U-LiRA, {result['shadows']} shadows: unlearned vs never seen")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path)

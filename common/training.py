@@ -1,0 +1,210 @@
+"""The one training loop, the losses the methods share, inference and optimizers.
+
+Invariants: train_loop reads a loss's value once per 50 steps and once per epoch, not per step; metrics are
+computed from float32 logits (predict(fp32=True)); after_epoch sees validation data only."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import UserError
+from .system import autocast, peak_memory_mb
+from .data import DatasetInfo, augment, batches, normalize
+from .batchnorm import frozen_batchnorm, set_train_mode
+
+
+def saved_activation_bytes(model: nn.Module,
+                           forward: Callable[[nn.Module], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """forward(model), and the bytes autograd keeps for backward while it runs: distinct storages, the model's
+    parameters and buffers excluded. The activation memory of a training step, the same figure on any device."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(model)  # its graph keeps every saved storage alive, so no pointer is freed and reused
+    return out, sum(saved.values())
+
+
+@dataclass
+class TrainResult:
+    wall_time_s: float
+    peak_mem_mb: float
+    history: list[dict]
+    trainable_params: int  # the parameters the update changed
+    activation_bytes: int | None = None  # saved for backward in the first step (train_loop's measure_activations)
+
+
+class Stopwatch:
+    """Wall time and peak memory of a method's work, the figures a sidecar records: on CUDA the device is
+    synchronised at both ends and its peak-memory counter reset at the start (train_loop's own measure; methods
+    without a training loop use it directly)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def result(self, *, trainable_params: int, history: list[dict] | None = None,
+               activation_bytes: int | None = None) -> TrainResult:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return TrainResult(self.elapsed_s(), peak_memory_mb(self.device), history or [],
+                           trainable_params=trainable_params, activation_bytes=activation_bytes)
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
+               epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
+               device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
+               after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
+               compile_model: bool = False, measure_activations: bool = False, log: bool = True,
+               bf16: bool = True) -> TrainResult:
+    """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
+
+    The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
+    validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
+    torch.compile'd view of the model (same parameters; the first steps pay the compilation).
+    measure_activations records the first step's saved_activation_bytes (not with compile_model). log=False
+    keeps the per-epoch JSON lines off the output (for callers whose "epochs" are single steps). bf16=False runs
+    CUDA steps in fp32 (bench.py's baseline; CPU steps always are)."""
+    clock = Stopwatch(device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    history, activation_bytes = [], None
+    with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
+        # Compiled after the BatchNorm swap, so the graph is the one trained; the caller keeps the plain module.
+        forward_model = torch.compile(model) if compile_model else model
+        for epoch in range(epochs):
+            set_train_mode(model, freeze_bn)
+            total, steps = torch.zeros((), device=device), 0
+            bar = tqdm(epoch_batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                       disable=None, dynamic_ncols=True)
+            for batch in bar:
+                with autocast(device, bf16=bf16):
+                    if measure_activations and activation_bytes is None:
+                        loss, activation_bytes = saved_activation_bytes(forward_model, lambda m: loss_fn(m, batch))
+                    else:
+                        loss = loss_fn(forward_model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.detach().float()
+                steps += 1
+                if steps % 50 == 0 and not math.isfinite(float(total)):
+                    break
+            mean_loss = float(total) / max(steps, 1)
+            if not math.isfinite(mean_loss):
+                raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
+                                "lower the learning rate (nothing was written)")
+            record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(clock.elapsed_s(), 2))
+            if after_epoch is not None:
+                record.update(after_epoch(epoch))
+            history.append(record)
+            if log:
+                tqdm.write(json.dumps(record))
+    return clock.result(trainable_params=sum(p.numel() for p in params), history=history,
+                        activation_bytes=activation_bytes)
+
+
+def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, gen: torch.Generator | None = None,
+            *, channels_last: bool = True):
+    """Cross-entropy on (uint8 images, labels) batches, with on-device augmentation if asked."""
+    def loss_fn(model, batch):
+        x, y = batch
+        if augment_batches:
+            x = augment(x, info, gen)
+        return F.cross_entropy(model(normalize(x, info, input_size, channels_last=channels_last)), y)
+    return loss_fn
+
+
+def random_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator, wrong_only: bool) -> torch.Tensor:
+    """Uniform random labels over all classes, or (wrong_only) over the classes other than the true one."""
+    if wrong_only:
+        shift = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=gen)
+        return (labels + shift) % num_classes
+    return torch.randint(0, num_classes, labels.shape, device=labels.device, generator=gen)
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) summed over classes, averaged over the batch, times T^2
+    (Hinton et al. 2015's scaling; SCRUB's DistillKL). The teacher side carries no gradient."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.detach().float() / temperature, 1),
+                    reduction="batchmean") * temperature ** 2
+
+
+def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, input_size: int | None,
+                    *, batch_size: int, augment_gen: torch.Generator | None = None):
+    """For each batch of (x, y) in order, the gradient of the batch-mean cross-entropy with respect to each
+    trainable parameter ({name: tensor}), the model in eval mode (BatchNorm on its running statistics).
+    augment_gen: augment each batch as in training, drawing from that generator."""
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(model.parameters()).device
+    for xb, yb in batches(x, y, batch_size):
+        if augment_gen is not None:
+            xb = augment(xb, info, augment_gen)
+        with autocast(device):
+            loss = F.cross_entropy(model(normalize(xb, info, input_size)).float(), yb)
+        yield dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, info: DatasetInfo, input_size: int | None = None,
+            batch_size: int = 1024, fp32: bool = False, features: bool = False) -> torch.Tensor:
+    """Float32 logits for uint8 images, in eval mode, batch by batch, returned on the CPU.
+
+    fp32=True computes them without bf16 autocast on CUDA too (evaluation: attacks read small differences).
+    features=True returns the classifier head's input instead (timm's forward_head(pre_logits=True))."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def forward(xb):
+        return model.forward_head(model.forward_features(xb), pre_logits=True) if features else model(xb)
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device) if not fp32 else torch.autocast(device.type, enabled=False):
+            out.append(forward(normalize(x[start:start + batch_size].to(device), info, input_size)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, info.num_classes)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (nan for an empty set)."""
+    return float((logits.argmax(1) == y.cpu()).float().mean() * 100) if len(y) else float("nan")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
+    """Adam, AdamW or SGD (momentum) over the trainable parameters, or over given parameter groups."""
+    params = list(params)
+    if not (params and isinstance(params[0], dict)):
+        params = [p for p in params if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
