@@ -468,7 +468,7 @@ def main():
     print(summary)
     for path, text in ((args.json, json.dumps(figures, indent=1)), (args.md, summary)):
         if path:
-            common.atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+            common.write_text(Path(path), text)
             print(f"wrote {path}")
     loop = figures.get("loop_overhead")
     print(f"bench on {figures['device']}: " + (f"loop/raw ratio {loop['ratio']}" if loop else f"parts {args.parts}"))

@@ -281,6 +281,17 @@ def main():
         main_grid(args, executor)
 
 
+def claim_sweep(args) -> None:
+    """One sweep at a time per profile and output root: a second one refuses at once, naming the first."""
+    root = Path(args.out_root)
+    try:
+        (root / args.profile).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise common.UserError(f"cannot create {root / args.profile} ({err.strerror})") from None
+    common.claim_file(root / args.profile / "sweep", what=f"profile {args.profile} under {root}",
+                      hint="wait for it to finish, or give another --out-root")
+
+
 def main_compare(args) -> None:
     """--compare: finished profiles' rows in one table."""
     rows = common.compare_rows(args.compare.split(","), Path(args.out_root),
@@ -293,6 +304,8 @@ def main_compare(args) -> None:
 
 def main_audit_profile(args, executor: common.Executor) -> None:
     """--profile of an audit profile: probe, relearn and U-LiRA on finished profiles' models."""
+    if not args.dry_run:
+        claim_sweep(args)
     start = time.perf_counter()
     written = run_audit_profile(args.profile, common.AUDIT_PROFILES[args.profile], Path(args.out_root),
                                 args.data_dir, args.device, executor=executor, dry_run=args.dry_run)
@@ -351,6 +364,7 @@ def main_grid(args, executor: common.Executor) -> None:
               + f"); executor {executor.kind}")
         return
 
+    claim_sweep(args)
     start = time.perf_counter()
     log_dir = out_dir / "logs"
     run_all = functools.partial(common.run_graph, executor=executor, data_dir=args.data_dir, device=args.device,

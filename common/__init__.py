@@ -1,6 +1,7 @@
 """The helpers every script imports (`import common`), one concern per module, lower layers first:
 
     errors.py       UserError: the one-line `error:` that scripts exit with (status 2)
+    locks.py        kernel-held file locks (flock): an output's owner, a data folder's unpacking
     system.py       seeds, devices, torchrun, bf16 autocast and channels_last
     data.py         datasets as tensors on the device; splits as index tensors; batches, augmentation
     models.py       architectures by name (ARCHS): timm ResNets and ViTs with small-image stems; copies
@@ -30,6 +31,9 @@ attacks and probes), matplotlib (plots) and submitit (SLURM)."""
 
 from .errors import (  # noqa: F401
     UserError,
+)
+from .locks import (  # noqa: F401
+    lock_file, owner_of, unlock_file, exclusive,
 )
 from .system import (  # noqa: F401
     seed_everything, device_and_generator, torchrun_world_size, init_distributed, pick_device,
@@ -63,8 +67,8 @@ from .training import (  # noqa: F401
     batch_gradients, predict, accuracy, make_optimizer,
 )
 from .outputs import (  # noqa: F401
-    sidecar_path, lock_path, release_claims, release_claim, finished, check_output_files, check_writable,
-    atomic_write, save_png, file_sha256, write_text,
+    sidecar_path, lock_path, claim_file, release_claim, release_claims, finished, check_output_files,
+    check_writable, atomic_write, save_png, file_sha256, write_text,
 )
 from .checkpoints import (  # noqa: F401
     FORMAT, default_output, library_versions, WEIGHT_LIMIT, check_weights, save_checkpoint, SIDECAR_KEYS,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import safetensors
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 import timm
 import torchvision
 
@@ -104,9 +104,14 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: st
     # One metadata key: safetensors writes several in an order that varies from run to run, and the file's hash
     # must depend on the tensors alone (equal weights, equal weights_sha256).
     header = {"unlearn-toolkit": json.dumps(dict(format=FORMAT, arch=arch), sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    # Serialised in memory and written by Python, so that a full disk is an OSError (atomic_write's one line).
+    atomic_write(path, lambda tmp: tmp.write_bytes(save(state, metadata=header)))
     meta["weights_sha256"] = file_sha256(path)
-    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    try:
+        atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    except UserError:
+        path.unlink(missing_ok=True)  # weights without their sidecar are no checkpoint
+        raise
     release_claim(path)
     return meta
 

@@ -6,6 +6,7 @@ moves when the split seed does (its own generator); Data.spec rebuilds exactly t
 and is recorded in every sidecar."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 from .errors import UserError
+from .locks import exclusive
 
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -60,16 +62,24 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool):
 
 
 def _copy_debian_fashion_mnist(root: Path) -> None:
-    """Unpack the Debian package's Fashion-MNIST files into torchvision's raw/ layout under root."""
+    """Unpack the Debian package's Fashion-MNIST files into torchvision's raw/ layout under root. One process
+    unpacks; the others starting on the same fresh folder wait for it, so none reads a half-unpacked folder."""
     raw = root / "FashionMNIST" / "raw"
-    if not DEBIAN_FASHION_MNIST.is_dir() or (raw / "t10k-labels-idx1-ubyte").exists():
+    packed = sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"))
+    if not packed or all((raw / gz.stem).exists() for gz in packed):
         return
-    raw.mkdir(parents=True, exist_ok=True)
-    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-        tmp = raw / f".{gz.stem}.tmp{os.getpid()}"  # per process: two first runs may unpack at once
-        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, raw / gz.stem)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot unpack Fashion-MNIST into {raw} ({err.strerror})") from None
+    with exclusive(raw / ".unpack.lock"):
+        for gz in packed:
+            if (raw / gz.stem).exists():
+                continue
+            tmp = raw / f".{gz.stem}.tmp{os.getpid()}"
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, raw / gz.stem)
 
 
 def load_dataset(name: str, data_dir: str | Path, download: bool = False):
@@ -79,9 +89,18 @@ def load_dataset(name: str, data_dir: str | Path, download: bool = False):
     root = Path(data_dir)
     if name == "fashion-mnist":
         _copy_debian_fashion_mnist(root)
+    if download:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot download into {root} ({err.strerror})") from None
     try:
-        train = _torchvision_split(name, root, True, download)
-        test = _torchvision_split(name, root, False, download)
+        # Downloads write the folder: one process at a time (the others then find the files there).
+        with exclusive(root / f".{name}-download.lock") if download else contextlib.nullcontext():
+            train = _torchvision_split(name, root, True, download)
+            test = _torchvision_split(name, root, False, download)
+    except UserError:
+        raise
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError for missing or unreachable data
         hint = ("`apt-get install dataset-fashion-mnist` or " if name == "fashion-mnist" else "")
         raise UserError(f"{name} not found under {root} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "

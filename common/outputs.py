@@ -1,7 +1,8 @@
 """Output files: claimed before any work, written atomically, never silently overwritten.
 
-A checkpoint's path is claimed by a lock file beside it (.NAME.safetensors.lock, holding the owner's pid) from
-check_writable until its sidecar is written; each file appears whole (a temporary file renamed over it)."""
+An output is claimed before any work through a kernel-held lock on a lock file beside it (.NAME.lock; locks.py
+says what that assumes of the filesystem), until it is written or the process ends; each file appears whole (a
+temporary file renamed over it), and a write that fails leaves nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,7 @@ from typing import Iterable
 
 
 from .errors import UserError
+from .locks import lock_file, owner_of, unlock_file
 
 
 def sidecar_path(weights: str | Path) -> Path:
@@ -22,63 +24,37 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-_held_locks: set[Path] = set()  # lock files this process created and has not yet released
+# Outputs this process has claimed and not yet released: output path (resolved) -> (lock file, its descriptor).
+_held_locks: dict[Path, tuple[Path, int]] = {}
+
+
+def claim_file(path: str | Path, *, what: str | None = None,
+               hint: str = "wait for it or choose another --out") -> None:
+    """Hold path's lock (locks.lock_file) until release_claim, or fail at once if another process holds it; a lock
+    file that nobody holds, left by a killed run, is taken over. Claiming an output this process holds is a no-op."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _held_locks:
+        return
+    lock = lock_path(path)
+    fd = lock_file(lock, wait=False)
+    if fd is None:
+        raise UserError(f"{what or path} is being written by another run ({owner_of(lock)}); {hint}")
+    _held_locks[key] = (lock, fd)
+
+
+def release_claim(path: str | Path) -> None:
+    """Let go of a written output's lock (its lock file removed)."""
+    held = _held_locks.pop(Path(path).resolve(), None)
+    if held:
+        unlock_file(*held)
 
 
 def release_claims() -> None:
-    """Remove the lock files this process still holds (a run that ended before saving): cli.run_main calls it on
+    """Let go of every lock this process still holds (a run that ended before writing): cli.run_main calls it on
     every exit path, torchrun's os._exit included."""
     while _held_locks:
-        _held_locks.pop().unlink(missing_ok=True)
-
-
-def release_claim(path: Path) -> None:
-    """Remove the lock of a finished output."""
-    lock = lock_path(path)
-    lock.unlink(missing_ok=True)
-    _held_locks.discard(lock)
-
-
-def _claim(path: Path) -> None:
-    """Take path's lock file, or fail if a live process holds it; a dead process's lock is taken over.
-
-    The lock appears with its owner's pid already in it (a hard link of a finished temp file: create-or-fail)."""
-    lock = lock_path(path)
-    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
-    try:
-        mine.write_text(str(os.getpid()))
-        for _ in range(2):
-            try:
-                os.link(mine, lock)
-            except FileExistsError:
-                try:
-                    pid = int(lock.read_text())
-                except (OSError, ValueError):
-                    pid = 0
-                if pid == os.getpid():
-                    return
-                if pid and _alive(pid):
-                    raise UserError(f"{path} is being written by another run (pid {pid}); wait for it or "
-                                    "choose another --out") from None
-                lock.unlink(missing_ok=True)  # left by a run that died: take it over
-                continue
-            _held_locks.add(lock)
-            return
-    except OSError as err:
-        raise UserError(f"cannot write to {path.parent} ({err.strerror})") from None
-    finally:
-        mine.unlink(missing_ok=True)
-    raise UserError(f"cannot claim {path}: another run keeps taking its lock {lock}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        unlock_file(*_held_locks.popitem()[1])
 
 
 def finished(path: str | Path) -> bool:
@@ -102,12 +78,14 @@ def _check_output(path: Path, overwrite: bool, companions: tuple[Path, ...] = ()
 
 
 def check_output_files(paths: Iterable[str | Path | None], overwrite: bool) -> list[Path]:
-    """Report files (JSON, markdown, CSV) checked before any work: distinct, absent unless overwrite, writable."""
+    """Report files (JSON, markdown, CSV, PNG) checked and claimed before any work: distinct, absent unless
+    overwrite, writable, and no other live run writing them (write_text and save_png release each)."""
     paths = [Path(p) for p in paths if p]
     if len(set(paths)) < len(paths):
         raise UserError(f"two outputs name the same file ({', '.join(map(str, paths))})")
     for path in paths:
         _check_output(path, overwrite)
+        claim_file(path)
     return paths
 
 
@@ -118,7 +96,7 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
     if path.suffix != ".safetensors":
         raise UserError(f"output {path} must end in .safetensors")
     _check_output(path, overwrite, companions=(sidecar_path(path),))
-    _claim(path)
+    claim_file(path)
     return path
 
 
@@ -133,6 +111,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a file-size limit, a folder made read-only meanwhile
+        raise UserError(f"cannot write {path} ({err.strerror or err}); nothing was written there") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -143,6 +123,7 @@ def save_png(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+    release_claim(path)
 
 
 def file_sha256(path: Path) -> str:
@@ -157,3 +138,4 @@ def write_text(path: Path, text: str) -> None:
     """Write text to path atomically, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text))
+    release_claim(path)

@@ -125,8 +125,8 @@ def test_a_second_sweep_of_one_profile_refuses_at_once(tmp_path, data_dir):
         message = _one_error_line(_run("reproduce.py", *args))
         assert "being written by another run" in message and f"pid {first.pid} " in message, message
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the sweep and the run it started
-        first.wait()
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the sweep and the run it started stop and let go of their locks
+        first.wait(timeout=120)
 
 
 def _file_size_limit(limit: int):
