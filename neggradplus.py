@@ -40,6 +40,11 @@ def retain_forget_pairs(retain: tuple, forget: tuple, *, batch_size: int, forget
         yield retain_batch, next(forget_stream)
 
 
+def neggradplus_loss(ce, beta: float):
+    """The loss of one step's (Dr batch, Df batch) pair: beta * CE(Dr batch) - (1 - beta) * CE(Df batch)."""
+    return lambda model, batch: beta * ce(model, batch[0]) - (1 - beta) * ce(model, batch[1])
+
+
 def main():
     parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
@@ -72,7 +77,7 @@ def main():
         model = common.add_lora(model, **lora, train_head=args.lora_head)
     prep_time_s = time.perf_counter() - start
 
-    # beta * CE(Dr batch) - (1 - beta) * CE(Df batch), one of each per step.
+    # One Dr batch and one Df batch per step.
     forget, retain = data.subset("forget"), data.subset("retain")
     ce = common.ce_loss(data.info, arch.input_size, args.augment, gen)
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay,
@@ -81,7 +86,7 @@ def main():
         model, optimizer, args.epochs,
         lambda epoch: retain_forget_pairs(retain, forget, batch_size=args.batch_size,
                                           forget_batch_size=args.forget_batch_size, gen=gen),
-        lambda model, batch: args.beta * ce(model, batch[0]) - (1 - args.beta) * ce(model, batch[1]),
+        neggradplus_loss(ce, args.beta),
         device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
 
     model = common.merge_lora(model) if args.lora else model

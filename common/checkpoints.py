@@ -86,8 +86,17 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: st
     """Write plain weights (.safetensors), then the sidecar (.json) that makes them a checkpoint; return the sidecar.
 
     Nothing is written for non-finite or exploded weights. Each file appears whole (temp file + rename), the
-    sidecar last, while this process holds the output's lock (check_writable)."""
+    sidecar last, while this process holds the output's lock (check_writable), which it lets go of either way."""
     path = check_writable(path, overwrite)
+    try:
+        return _write_checkpoint(model, path, arch=arch, method=method, data=data, config=config, result=result,
+                                 trainable_params=trainable_params, extra=extra)
+    finally:
+        release_claim(path)  # written, or nothing was
+
+
+def _write_checkpoint(model: nn.Module, path: Path, *, arch: str, method: str, data: Data, config: dict,
+                      result: TrainResult | None, trainable_params: int, extra: dict | None) -> dict:
     state = plain_state_dict(model)
     check_weights(state, f"{method} -> {path}: nothing was written")
     family = ARCHS[arch].family
@@ -112,7 +121,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, arch: str, method: st
     except UserError:
         path.unlink(missing_ok=True)  # weights without their sidecar are no checkpoint
         raise
-    release_claim(path)
     return meta
 
 

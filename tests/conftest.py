@@ -1,12 +1,19 @@
 """Shared fixtures: small real models trained once per test session on a Fashion-MNIST subset."""
+import contextlib
+import importlib
+import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -18,15 +25,17 @@ TINY_RESNET = ["--arch", "resnet_tiny", "--epochs", "6", "--batch-size", "64", "
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the project's scripts as subprocesses or needs a trained model "
+    config.addinivalue_line("markers", "slow: runs the project's scripts end to end or needs a trained model "
                                        "(the session fixtures); `pytest -m 'not slow'` leaves them out")
 
 
-def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would; fail the test with its output if it fails."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+def run_script(script: str, *args, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts with this command line: its exit status, standard output and error. In this
+    process by default (main() through common.run_main, as the script's entry point calls it, with the global state
+    a run touches restored afterwards); process=True runs it through the real interpreter, for the tests where the
+    process itself is what is tested. With check, a failure fails the test with the script's output."""
+    argv = [script, *map(str, args)]
+    proc = _in_a_process(argv) if process else _in_this_process(argv)
     if check and proc.returncode != 0:
         # A sweep's failed run names its log, which lives in the test's temporary folder: show its end here.
         logs = dict.fromkeys(Path(p) for p in re.findall(r"\(log: ([^)]+)\)", proc.stderr) if Path(p).is_file())
@@ -34,6 +43,48 @@ def run_script(script: str, *args, check: bool = True) -> subprocess.CompletedPr
         pytest.fail(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
                     f"{proc.stderr[-3000:]}{tails}")
     return proc
+
+
+def _in_a_process(argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@contextlib.contextmanager
+def _isolated(argv: list[str]):
+    """sys.argv set to the command line, the working directory the project root; the random generators, the thread
+    count and the working directory as they were afterwards."""
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(), torch.get_num_threads(), os.getcwd(),
+             sys.argv)
+    os.chdir(ROOT)
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+        torch.set_num_threads(saved[3])
+        os.chdir(saved[4])
+        sys.argv = saved[5]
+
+
+def _in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
+    module = importlib.import_module(Path(argv[0]).stem)
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with _isolated(argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            common.run_main(module.main)
+        except SystemExit as stop:  # argparse's errors and --help, run_main's status 2
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+            status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except Exception:  # a crash: the traceback, exit status 1, as the interpreter would
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def copy_sidecar(source: Path, weights: Path) -> None:

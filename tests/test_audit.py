@@ -121,8 +121,10 @@ LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 
 
 @pytest.mark.slow
 def test_lira_end_to_end_scores_the_original_above_the_retrain_floor_and_resumes(data_dir, tmp_path):
+    # Two runs at a time on a thread each: tiny models use two cores better side by side than one run on both.
     args = ["audit.py", "lira", "--pretrain", LIRA_PRETRAIN, "--methods", "ga", "--shadows", "6", "--pool", "100",
-            "--ckpt-dir", tmp_path / "shadows", "--bootstrap", "20", "--data-dir", data_dir]
+            "--ckpt-dir", tmp_path / "shadows", "--bootstrap", "20", "--data-dir", data_dir, "--executor", "local",
+            "--workers", "2", "--threads-per-run", "1"]
     out = tmp_path / "lira.json"
     proc = run_script(*args, "--json", out, "--md", tmp_path / "lira.md", "--plot", tmp_path / "roc.png")
     assert "U-LiRA AUC (0.5 = as Retrain) ↓" in proc.stdout and (tmp_path / "roc.png").stat().st_size > 0

@@ -122,3 +122,14 @@ def test_loraprune_main_runs_its_recipe_and_keeps_the_pruned_sparsity(small_orig
     original = load_file(str(small_original))
     moved = [key for key in weights if "running_mean" in key and not torch.equal(weights[key], original[key])]
     assert moved  # BatchNorm statistics re-estimated after pruning (and frozen while training)
+
+
+def test_lora_main_merges_its_adapters_and_leaves_batchnorm_statistics_as_they_were(small_original, data_dir,
+                                                                                     tmp_path, monkeypatch):
+    out = tmp_path / "lora.safetensors"
+    _main("lora", ["--model", small_original, "--data-dir", data_dir, "--epochs", "1", "--forget-random", "60",
+                   "--out", out], monkeypatch)
+    weights, original = load_file(str(out)), load_file(str(small_original))
+    statistics = [key for key in weights if key.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(weights[key], original[key]) for key in statistics)
+    assert not torch.equal(weights["fc.weight"], original["fc.weight"])  # it trained (the head beside the adapters)

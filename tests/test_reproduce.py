@@ -188,12 +188,19 @@ def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_t
             assert row["step_vs_ft"] == round(row["step_s"] / row["ft_step_s"], 2)
 
 
-def test_bench_measures_a_configuration_in_process_and_undoes_its_fp32_switch():
-    # On CUDA part 2 runs every configuration in one process: the fp32 baseline must not leak into the next one.
+def test_bench_measures_a_configuration_in_process_with_fp32_as_a_parameter():
+    # On CUDA part 2 runs every configuration in one process: the fp32 baseline is a parameter of the helpers
+    # (contiguous memory, no bf16 autocast), so it cannot leak into the next configuration.
     import bench
-    defaults = (common.autocast, common.prepare_model, common.normalize)
-    row = bench.one_config("resnet_tiny:loraprune:8:fp32", torch.device("cpu"), 1)
-    assert (common.autocast, common.prepare_model, common.normalize) == defaults
+    cpu = torch.device("cpu")
+
+    def first_conv(fp32):
+        model = bench.method_model("resnet_tiny", "loraprune", cpu, fp32=fp32)
+        return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1).weight
+    assert first_conv(fp32=True).is_contiguous()
+    assert first_conv(fp32=False).is_contiguous(memory_format=torch.channels_last)
+    assert not first_conv(fp32=False).is_contiguous()
+    row = bench.one_config("resnet_tiny:loraprune:8:fp32", cpu, 1)
     assert row["method"] == "loraprune" and row["batch_size"] == 8 and row["step_s"] > 0
     assert 0 < row["trainable_params"] < row["total_params"]
 
