@@ -49,7 +49,7 @@ def test_probe_tells_the_original_from_retrain_but_not_two_retrains(memorising, 
     original, retrain, retrain_seed1 = memorising
     out = tmp_path / "probe.json"
     proc = run_script("audit.py", "probe", original, "--retrain", retrain, "--floor", retrain_seed1,
-                      "--data-dir", data_dir, "--json", out)
+                      "--data-dir", data_dir, "--json", out, process=True)  # audit.py through the interpreter
     assert "probe Acc(Df) ↓" in proc.stdout
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     floor = abs(rows["retrain"]["probe_forget_acc"] - rows["retrain-floor s1"]["probe_forget_acc"])

@@ -59,7 +59,7 @@ def finetuned(original, data_dir, workdir):
 def test_evaluate_end_to_end_class_wise(original, retrain, finetuned, data_dir, tmp_path):
     js, md = tmp_path / "rows.json", tmp_path / "table.md"
     proc = run_script("evaluate.py", original, finetuned, "--retrain", retrain, "--mia-draws", "2",
-                      "--data-dir", data_dir, "--json", js, "--md", md)
+                      "--data-dir", data_dir, "--json", js, "--md", md, process=True)  # through the interpreter
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "finetune"]
     assert rows["retrain"]["UA"] == 100 and rows["retrain"]["FTA"] == 0 and rows["retrain"]["avg_gap"] == 0
