@@ -133,3 +133,11 @@ def test_lora_main_merges_its_adapters_and_leaves_batchnorm_statistics_as_they_w
     statistics = [key for key in weights if key.endswith(("running_mean", "running_var"))]
     assert statistics and all(torch.equal(weights[key], original[key]) for key in statistics)
     assert not torch.equal(weights["fc.weight"], original["fc.weight"])  # it trained (the head beside the adapters)
+
+
+def test_pretrain_main_trains_with_its_recipe_on_augmented_batches(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "original.safetensors"
+    _main("pretrain", ["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "300", "--epochs", "1",
+                       "--data-dir", data_dir, "--out", out], monkeypatch)
+    meta = common.read_sidecar(out)
+    assert meta["method"] == "original" and meta["config"]["augment"] is True and len(meta["history"]) == 1
