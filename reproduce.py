@@ -284,10 +284,6 @@ def main():
 def claim_sweep(args) -> None:
     """One sweep at a time per profile and output root: a second one refuses at once, naming the first."""
     root = Path(args.out_root)
-    try:
-        (root / args.profile).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise common.UserError(f"cannot create {root / args.profile} ({err.strerror})") from None
     common.claim_file(root / args.profile / "sweep", what=f"profile {args.profile} under {root}",
                       hint="wait for it to finish, or give another --out-root")
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
-from typing import Iterable
-
+from typing import Callable, Iterable
 
 from .errors import UserError
 from .locks import lock_file, owner_of, unlock_file
@@ -28,14 +26,23 @@ def lock_path(path: Path) -> Path:
 _held_locks: dict[Path, tuple[Path, int]] = {}
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {folder} ({err.strerror})") from None
+
+
 def claim_file(path: str | Path, *, what: str | None = None,
                hint: str = "wait for it or choose another --out") -> None:
-    """Hold path's lock (locks.lock_file) until release_claim, or fail at once if another process holds it; a lock
-    file that nobody holds, left by a killed run, is taken over. Claiming an output this process holds is a no-op."""
+    """Hold path's lock (locks.lock_file; its folder created) until release_claim, or fail at once if another
+    process holds it; a lock file that nobody holds, left by a killed run, is taken over. Claiming an output this
+    process holds is a no-op."""
     path = Path(path)
     key = path.resolve()
     if key in _held_locks:
         return
+    _make_folder(path.parent)
     lock = lock_path(path)
     fd = lock_file(lock, wait=False)
     if fd is None:
@@ -67,10 +74,7 @@ def _check_output(path: Path, overwrite: bool, companions: tuple[Path, ...] = ()
     neither it nor its companion files there unless overwrite."""
     if path.exists() and not path.is_file():
         raise UserError(f"output {path} exists and is not a regular file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the output folder {path.parent} ({err.strerror})") from None
+    _make_folder(path.parent)
     if not overwrite and any(p.exists() for p in (path, *companions)):
         raise UserError(f"{path} exists; pass --overwrite to replace it")
     if not os.access(path.parent, os.W_OK):

@@ -9,8 +9,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
