@@ -9,23 +9,26 @@
    per-batch normalisation, loss bookkeeping) over the raw model step (forward, backward, optimizer step on
    batches already normalised in memory), same resnet_tiny, 28 px, batch 128, same steps; best of three
    interleaved passes each. Goal: ratio >= 0.9.
-2. Cost of FT, Prune+FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random data,
-   at batch 32 and 128, with each script's own defaults and steps (pruning, LoRA, common.train_loop):
-   seconds per step (the median of --steps steady-state steps, each timed; one warm-up step first, not timed),
-   activation memory (bytes autograd keeps for backward in the warm-up step, common.saved_activation_bytes: the
-   same figure on CPU and GPU), peak memory, trainable parameters, and each figure's ratio to FT at the same arch
-   and batch. FT runs again after every method, and a method's step is compared with the mean of the FT runs
-   just before and after it (a shared machine's speed drifts over the minutes this part takes). Also the
-   per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with --shrink (pruneft-shrink,
-   loraprune-shrink: trained on common.shrink_pruned's smaller network). Peak memory is CUDA max allocated (reset
-   by common.train_loop), or on CPU the process's peak RSS, data included as in the scripts' sidecars: on CPU each
-   configuration runs in its own process so that its peak is its own (RSS peaks cannot be reset). ResNets add
-   LoRA with adapter dropout 0 (lora-dropout0): the cost of the paper's dropout 0.1, whose mask is drawn over
-   every adapted layer's full-size input.
-3. CUDA only (skipped with a printed reason elsewhere): part 2 under common's CUDA defaults (bf16 autocast,
-   channels_last) beside the same in fp32 with contiguous tensors, and the end-to-end time of one PruneLoRA
-   class-unlearning run (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge, Df/Dr/test accuracies,
-   save) on ResNet-50. With --compile, part 2 again under torch.compile (its compilation in the warm-up step).
+2. Cost of FT, Prune+FT, LoRA and PruneLoRA for ResNet-50 and ViT-S/4 on 32 px CIFAR-10-shaped random images
+   (the dataset random-cifar10), at batch 32 and 128: each method's own script run as a user runs it
+   (`python loraprune.py --model ORIGINAL --forget-class 3 --epochs 2 --batch-size B`, its defaults otherwise),
+   on a random-initialised original of just enough images for --steps batches per epoch; the figures are read
+   from the checkpoint's sidecar. Seconds per step: the second epoch's time over its images, times the batch
+   (the first epoch holds the warm-up: allocation, kernel selection); activation memory (bytes autograd keeps for
+   backward in the first step, the sidecar's activation_mb: the same figure on CPU and GPU); peak memory;
+   trainable parameters; preparation (pruning, BatchNorm re-estimation, adapters); each figure's ratio to FT at
+   the same arch and batch. FT runs again after every method, and a method's step is compared with the mean of
+   the FT runs just before and after it (a shared machine's speed drifts over the minutes this part takes). Also
+   the per-epoch time EXTRAPOLATED to a 45,000-image Dr. Prune+FT and PruneLoRA also with --shrink
+   (pruneft-shrink, loraprune-shrink). Peak memory is CUDA max allocated (reset by common.train_loop), or on CPU
+   the process's peak RSS, data included as in any sidecar: on CPU each run is its own process (RSS peaks cannot
+   be reset); on CUDA each runs in this process (its main()). ResNets add LoRA with adapter dropout 0
+   (lora-dropout0, `--lora-dropout 0`): the cost of the paper's dropout 0.1, whose mask is drawn over every
+   adapted layer's full-size input.
+3. CUDA only (skipped with a printed reason elsewhere): the end-to-end time of one PruneLoRA class-unlearning
+   run, loraprune.py's main() at its defaults (prune, LoRA, 5 epochs over 45,000 random 32 px images, merge,
+   Df/Dr/test accuracies, save) on ResNet-50. With --compile, part 2 again with the scripts' --compile
+   (torch.compile; its compilation in the first epoch).
 4. Whole runs (--parts ...,whole-runs; ~35 min per arch on 2 CPU cores): each method's script run as a user runs
    it, on one unlearning epoch at batch 32 (68 steps) of a short original trained here on 2,400 Fashion-MNIST
    images (--data-dir: the real files, or Debian's dataset-fashion-mnist): the sidecar's wall time (preparation,
@@ -36,10 +39,9 @@
 Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
 """
 import argparse
-import functools
-import gc
 import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -54,28 +56,28 @@ import common
 import finetune
 import lora
 import loraprune
-import pretrain
 import pruneft
 
-BATCH_SIZE = finetune.BATCH_SIZE  # 128, the PruneLoRA paper's
+BATCH_SIZE = 128  # the PruneLoRA paper's (its four scripts' default)
 BATCH_SIZES = "32,128"  # the per-method cost at a small and at the paper's batch
 DR_IMAGES = 45_000  # CIFAR-10 retain set of class-wise forgetting (50,000 - 5,000 cats): one epoch
 FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
 ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
+DATASET = "random-cifar10"  # parts 2 and 3: random images of CIFAR-10's shape (a step's cost ignores the pixels)
 LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
 PARTS = ("loop", "cost", "end-to-end", "whole-runs")
 DEFAULT_PARTS = "loop,cost,end-to-end"  # whole-runs (part 4) on request: it trains real models, minutes each
 WHOLE_RUN_METHODS = "lora,loraprune,loraprune-shrink"  # part 4's methods, each between two FT runs
 WHOLE_RUN_ORIGINAL = ("--dataset", "fashion-mnist", "--train-subset", "2400", "--epochs", "1")
 WHOLE_RUN_FLAGS = ("--forget-class", "3", "--batch-size", "32", "--epochs", "1")  # one pass over Dr: 68 steps
-METHODS = {  # name -> (its script, does it prune, does it adapt through LoRA)
-    "finetune": (finetune, False, False),
-    "pruneft": (pruneft, True, False),
-    "lora": (lora, False, True),
-    "lora-dropout0": (lora, False, True),  # LoRA with adapter dropout 0: what the paper's ResNet dropout 0.1 costs
-    "loraprune": (loraprune, True, True),
-    "pruneft-shrink": (pruneft, True, False),  # --shrink: the pruned filters removed while training
-    "loraprune-shrink": (loraprune, True, True),
+METHODS = {  # name -> (its script, the flags that make the script run this variant)
+    "finetune": (finetune, ()),
+    "pruneft": (pruneft, ()),
+    "lora": (lora, ()),
+    "lora-dropout0": (lora, ("--lora-dropout", "0")),  # what the paper's ResNet adapter dropout 0.1 costs
+    "loraprune": (loraprune, ()),
+    "pruneft-shrink": (pruneft, ("--shrink",)),  # the pruned filters removed while training
+    "loraprune-shrink": (loraprune, ("--shrink",)),
 }
 
 
@@ -84,16 +86,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_images(n: int, info: common.DatasetInfo, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, info.channels, info.size, info.size), dtype=torch.uint8, generator=gen)
-    return x.to(device), torch.randint(0, info.num_classes, (n,), generator=gen).to(device)
-
-
 def loop_overhead(device: torch.device, steps: int) -> dict:
     """Ratio of train_loop's throughput to the raw step's, for resnet_tiny on 28 px batches of 128."""
     info = common.DATASETS["fashion-mnist"]
-    x, y = random_images(steps * BATCH_SIZE, info, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (steps * BATCH_SIZE, info.channels, info.size, info.size), dtype=torch.uint8,
+                      generator=gen).to(device)
+    y = torch.randint(0, info.num_classes, (len(x),), generator=gen).to(device)
     common.seed_everything(0)
     model = common.prepare_model(common.build_model("resnet_tiny", info), device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
@@ -125,93 +124,17 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
                 ratio=round(raw / loop, 3))
 
 
-@functools.cache  # read-only: the configurations measured in one process share it
-def class_forgetting_data(device: torch.device) -> common.Data:
-    """CIFAR-10-sized random data (50,000 train / 10,000 test, 32 px) cut as class-wise forgetting of class 3
-    with no validation split (the PruneLoRA paper's setting): Dr is about 45,000 images."""
-    info = common.DATASETS["cifar10"]
-    x_train, y_train = random_images(50_000, info, device, seed=0)
-    x_test, y_test = random_images(10_000, info, device, seed=1)
-    train = torch.arange(len(y_train), device=device)
-    forget, retain = train[y_train == FORGET_CLASS], train[y_train != FORGET_CLASS]
-    spec = dict(dataset="cifar10", val_fraction=0.0, split_seed=0, train_subset=0, forget_class=FORGET_CLASS,
-                forget_random=0, forget_seed=None, forget_count=len(forget), forget_hash=common.index_hash(forget),
-                note="random images (bench.py)")
-    return common.Data(name="cifar10", info=info, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-                       train=train, val=train[:0], forget=forget, retain=retain,
-                       test_retain=torch.nonzero(y_test != FORGET_CLASS).flatten(),
-                       test_forget=torch.nonzero(y_test == FORGET_CLASS).flatten(), spec=spec)
-
-
-def method_model(arch: str, method: str, device: torch.device, *, fp32: bool = False) -> torch.nn.Module:
-    """A randomly initialised model after the method script's steps before its training loop: pruning and LoRA
-    at the script's defaults (no BatchNorm re-estimation: the model is random). fp32: contiguous, not
-    channels_last."""
-    script, prunes, adapts = METHODS[method]
-    family = common.ARCHS[arch].family
-    common.seed_everything(0)
-    model = common.prepare_model(common.build_model(arch, common.DATASETS["cifar10"]), device, channels_last=not fp32)
-    if prunes:
-        common.prune_model(model, family, script.PRUNE, script.SPARSITY)
-    if method.endswith("-shrink"):
-        model = common.shrink_pruned(model, family, channels_last=not fp32)
-    if adapts:
-        dropout = 0.0 if method == "lora-dropout0" else None
-        model = common.add_lora(model, **common.lora_settings(family, dropout=dropout), train_head=script.LORA_HEAD)
-    return model
-
-
-def train_method(model, method: str, data: common.Data, device: torch.device, *, batch_size: int,
-                 step_limits: tuple[int, ...] | None = None, compile_model: bool = False,
-                 measure_activations: bool = False, after_epoch=None, fp32: bool = False) -> common.TrainResult:
-    """The method script's training loop: cross-entropy on Dr with its optimiser, BatchNorm frozen with LoRA.
-    fp32: no bf16 autocast on CUDA, contiguous inputs (bench's baseline).
-
-    step_limits: epochs of at most these many steps each (default: the script's EPOCHS whole passes)."""
-    script, _, adapts = METHODS[method]
-    gen = torch.Generator(device=device).manual_seed(0)
-    x_retain, y_retain = data.subset("retain")
-    retain_pass = common.shuffled_batches(x_retain, y_retain, batch_size, gen)
-    if step_limits:
-        epochs, epoch_batches = len(step_limits), lambda e: itertools.islice(retain_pass(e), step_limits[e])
-    else:
-        epochs, epoch_batches = script.EPOCHS, retain_pass
-    optimizer = common.make_optimizer(script.OPTIMIZER, model.parameters(), script.LR, script.WEIGHT_DECAY)
-    return common.train_loop(model, optimizer, epochs, epoch_batches,
-                             common.ce_loss(data.info, None, script.AUGMENT, gen, channels_last=not fp32),
-                             device=device, desc=method, freeze_bn=adapts, compile_model=compile_model,
-                             measure_activations=measure_activations, after_epoch=after_epoch, bf16=not fp32)
-
-
-def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int,
-                fp32: bool = False, compile_model: bool = False) -> dict:
-    """Steady-state training steps of one PruneLoRA method: one warm-up step (torch.compile's compilation
-    included, with compile_model; activations counted without it), then `steps` timed ones, each timed on its
-    own; their median is the step time (robust to a background burst on a shared machine)."""
-    data = class_forgetting_data(device)
-    sync(device)
-    start = time.perf_counter()
-    model = method_model(arch, method, device, fp32=fp32)
-    sync(device)
-    prep_s = time.perf_counter() - start
-    clock = []
-
-    def step_done(epoch: int) -> dict:
-        sync(device)
-        clock.append(time.perf_counter())
-        return {}
-    # One "epoch" per step: the first the warm-up (allocation, kernel selection), then the timed ones.
-    result = train_method(model, method, data, device, batch_size=batch_size, step_limits=(1,) * (steps + 1),
-                          compile_model=compile_model, measure_activations=not compile_model, after_epoch=step_done,
-                          fp32=fp32)
-    step_s = statistics.median(later - earlier for earlier, later in itertools.pairwise(clock))
-    trainable, total = common.count_params(model)
-    return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
-                precision=precision(device, fp32, compile_model), timed_steps=steps, step_s=round(step_s, 4),
-                activation_mb=round(result.activation_bytes / 2**20, 1) if result.activation_bytes else None,
-                epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(prep_s, 2),
-                peak_mem_mb=round(result.peak_mem_mb), trainable_params=trainable, total_params=total,
-                trainable_pct=round(100 * trainable / total, 2))
+def random_original(arch: str, folder: Path, images: int = 0) -> Path:
+    """A randomly initialised `arch` saved as the original of `images` random CIFAR-10-shaped training images (0:
+    all 50,000), with no validation split (the PruneLoRA paper's setting): what parts 2 and 3 unlearn from."""
+    path = folder / f"original_{arch}_{images}.safetensors"
+    if not path.exists():
+        data = common.make_data(DATASET, folder, val_fraction=0.0, train_subset=images)
+        common.seed_everything(0)
+        model = common.build_model(arch, data.info)
+        common.save_checkpoint(model, path, arch=arch, method="original", data=data, config={}, result=None,
+                               trainable_params=common.count_params(model)[0])
+    return path
 
 
 def run_script(script: str, *args, label: str | None = None) -> str:
@@ -224,29 +147,71 @@ def run_script(script: str, *args, label: str | None = None) -> str:
     return proc.stdout
 
 
-def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str], device: torch.device,
-                 steps: int) -> list[dict]:
-    """Part 2: method_cost of every configuration, each in its own process (so its peak memory is its own). Per
-    arch, batch and precision, FT runs first and again after every method; each method row carries the mean FT
-    step of the runs just before and after it (ft_step_s), and FT's row the median of all its runs and their
-    range (ft_range_s)."""
+def run_main(script, *args) -> None:
+    """Run a method script's main() in this process, with this command line (its UserError propagates)."""
+    saved, sys.argv = sys.argv, [script.__file__, *map(str, args)]
+    try:
+        script.main()
+    finally:
+        sys.argv = saved
+
+
+def run_method(method: str, original: Path, out: Path, device: torch.device, *flags, in_process: bool) -> dict:
+    """One run of the method's script from `original` to `out`, as a user runs it: its main() in this process, or
+    a process of its own (on CPU, so that the peak memory in its sidecar is its own); its sidecar."""
+    script, variant_flags = METHODS[method]
+    args = ["--model", original, "--forget-class", FORGET_CLASS, "--device", device, "--data-dir", out.parent,
+            "--out", out, *variant_flags, *flags]
+    if in_process:
+        run_main(script, *args)
+    else:
+        run_script(script.__file__, *args, label=f"{method} ({' '.join(map(str, flags))})")
+    return common.read_sidecar(out)
+
+
+def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int, folder: Path, *,
+                compile_model: bool = False, in_process: bool) -> dict:
+    """The cost of one method's script: two epochs of at least `steps` batches each over Dr; the first holds the
+    warm-up (and torch.compile's compilation, with compile_model), the second is timed (its images per second
+    times the batch: the step a full batch takes). in_process: as run_method."""
+    # Dr is about 9/10 of the images (random labels, class 3 forgotten): 15% more than `steps` batches need.
+    original = random_original(arch, folder, images=math.ceil(steps * batch_size / 0.85))
+    out = folder / f"{len(list(folder.glob('*.json')))}_{method}.safetensors"
+    meta = run_method(method, original, out, device, "--epochs", 2, "--batch-size", batch_size,
+                      *(["--compile"] if compile_model else []), in_process=in_process)
+    first, second = meta["history"]
+    retain_images = meta["data"]["train_subset"] - meta["data"]["forget_count"]
+    step_s = (second["time_s"] - first["time_s"]) * batch_size / retain_images
+    return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
+                precision=precision(device, compile_model), timed_steps=math.ceil(retain_images / batch_size),
+                step_s=round(step_s, 4), activation_mb=meta["activation_mb"],
+                epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(meta["prep_time_s"], 2),
+                peak_mem_mb=round(meta["peak_mem_mb"]), trainable_params=meta["trainable_params"],
+                total_params=meta["total_params"],
+                trainable_pct=round(100 * meta["trainable_params"] / meta["total_params"], 2))
+
+
+def compared_methods(arch: str) -> list[str]:
+    """The methods part 2 compares with FT on `arch`: lora-dropout0 only where LoRA's default has dropout."""
+    dropout = common.lora_settings(common.ARCHS[arch].family)["dropout"]
+    return [m for m in METHODS if m != "finetune" and (m != "lora-dropout0" or dropout)]
+
+
+def method_costs(archs: list[str], batch_sizes: list[int], variants: list[bool], device: torch.device,
+                 steps: int, folder: Path, *, in_process: bool) -> list[dict]:
+    """Part 2: method_cost of every configuration (variants: compiled or not). Per arch, batch and variant, FT
+    runs first and again after every method; each method row carries the mean FT step of the runs just before
+    and after it (ft_step_s), and FT's row the median of all its runs and their range (ft_range_s)."""
     rows = []
-    for arch, batch_size, variant in itertools.product(archs, batch_sizes, variants):
+    for arch, batch_size, compile_model in itertools.product(archs, batch_sizes, variants):
         def measure(method: str) -> dict:
-            one = f"{arch}:{method}:{batch_size}{variant}"
-            if device.type == "cuda":  # its peak counter is reset per run: no process start-up per configuration
-                row = one_config(one, device, steps)
-            else:
-                stdout = run_script(__file__, "--one", one, "--device", device, "--steps", steps, label=one)
-                row = json.loads(stdout.strip().splitlines()[-1])
+            row = method_cost(arch, method, batch_size, device, steps, folder, compile_model=compile_model,
+                              in_process=in_process)
             print(json.dumps(dict(part="method_cost", **row)), flush=True)
             return row
 
         ft_runs, group = [measure("finetune")], []
-        for method in METHODS:
-            if method == "finetune" or (method == "lora-dropout0" and
-                                        not common.lora_settings(common.ARCHS[arch].family)["dropout"]):
-                continue  # FT is the reference; LoRA's own default has no dropout here
+        for method in compared_methods(arch):
             row = measure(method)
             ft_runs.append(measure("finetune"))
             group.append(dict(row, ft_step_s=round((ft_runs[-2]["step_s"] + ft_runs[-1]["step_s"]) / 2, 4)))
@@ -268,29 +233,24 @@ def with_ratios(rows: list[dict]) -> list[dict]:
             if (key := (r["arch"], r["batch_size"], r["precision"])) in ft else r for r in rows]
 
 
-def end_to_end_loraprune(device: torch.device, arch: str = "resnet50") -> dict:
-    """One whole PruneLoRA class-unlearning run, timed from the model build to the saved checkpoint."""
-    data = class_forgetting_data(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        sync(device)
-        start = time.perf_counter()
-        model = method_model(arch, "loraprune", device)
-        result = train_method(model, "loraprune", data, device, batch_size=loraprune.BATCH_SIZE)
-        common.save_unlearned(common.merge_lora(model), Path(tmp) / "loraprune.safetensors", method="loraprune",
-                              original="random-init", original_meta=dict(arch=arch), data=data, config={},
-                              result=result, overwrite=False)
-        sync(device)
-        total_s = time.perf_counter() - start
-    return dict(arch=arch, method="loraprune", device=str(device), precision=precision(device, False),
-                epochs=loraprune.EPOCHS, retain_images=len(data.retain), train_loop_s=round(result.wall_time_s, 1),
-                end_to_end_s=round(total_s, 1), peak_mem_mb=round(result.peak_mem_mb),
-                note="random 32 px images; excludes imports and loading a checkpoint from disk")
+def end_to_end_loraprune(device: torch.device, folder: Path, arch: str = "resnet50") -> dict:
+    """One whole PruneLoRA class-unlearning run at loraprune.py's defaults, timed from its start (the data and
+    the original loaded) to the saved checkpoint."""
+    original = random_original(arch, folder)
+    sync(device)
+    start = time.perf_counter()
+    meta = run_method("loraprune", original, folder / "end_to_end_loraprune.safetensors", device, in_process=True)
+    sync(device)
+    total_s = time.perf_counter() - start
+    return dict(arch=arch, method="loraprune", device=str(device), precision=precision(device),
+                epochs=len(meta["history"]), retain_images=50_000 - meta["data"]["forget_count"],
+                train_loop_s=round(meta["wall_time_s"] - meta["prep_time_s"], 1), end_to_end_s=round(total_s, 1),
+                peak_mem_mb=round(meta["peak_mem_mb"]), note="random 32 px images; excludes the imports")
 
 
 def script_flags(method: str) -> list[str]:
     """The flags that make a method's script run the variant this benchmark names."""
-    return ((["--shrink"] if method.endswith("-shrink") else [])
-            + (["--lora-dropout", "0"] if method == "lora-dropout0" else []))
+    return list(METHODS[method][1])
 
 
 def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: str) -> list[dict]:
@@ -299,7 +259,7 @@ def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: st
     with tempfile.TemporaryDirectory() as tmp:
         common_flags = ["--data-dir", data_dir, "--device", str(device)]
         original = Path(tmp) / "original.safetensors"
-        run_script(pretrain.__file__, "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags, "--out", original)
+        run_script(str(Path(__file__).with_name("pretrain.py")), "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags, "--out", original)
         for i, method in enumerate(["finetune", *itertools.chain.from_iterable((m, "finetune") for m in methods)]):
             out = Path(tmp) / f"{i}_{method}.safetensors"
             start = time.perf_counter()
@@ -325,23 +285,10 @@ def with_ft_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def precision(device: torch.device, fp32: bool, compile_model: bool = False) -> str:
-    """What the training steps ran in: common's CUDA defaults, or fp32 (always on CPU); compiled or not."""
-    if device.type == "cuda" and not fp32:
-        label = "bf16 autocast, channels_last"
-    else:
-        label = "fp32, contiguous" if device.type == "cuda" else "fp32, channels_last"
+def precision(device: torch.device, compile_model: bool = False) -> str:
+    """What the training steps ran in (the scripts' defaults: bf16 autocast on CUDA); compiled or not."""
+    label = "bf16 autocast, channels_last" if device.type == "cuda" else "fp32, channels_last"
     return label + (", torch.compile" if compile_model else "")
-
-
-def one_config(spec: str, device: torch.device, steps: int) -> dict:
-    """method_cost of one configuration named ARCH:METHOD:BATCH[:fp32|:compile]."""
-    arch, method, batch_size, *variant = spec.split(":")
-    gc.collect()  # the configuration before, if any, freed before this one's peak is counted
-    if variant == ["compile"]:
-        torch.compiler.reset()  # a fresh cache: another model's graphs would count towards the recompile limit
-    return method_cost(arch, method, int(batch_size), device, steps, fp32=variant == ["fp32"],
-                       compile_model=variant == ["compile"])
 
 
 def ft_range(row: dict) -> str:
@@ -359,7 +306,8 @@ def markdown(figures: dict) -> str:
                   f"step {lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
                   "(goal >= 0.9)."]
     if "methods" in figures:
-        lines += ["", "Per-method cost, 32 px. s/step = median of the timed steps; activations = bytes autograd keeps "
+        lines += ["", "Per-method cost, 32 px, each method's script run on random images. s/step = the second "
+                  "epoch's time per full batch (timed steps: its batches); activations = bytes autograd keeps "
                   "for backward in one training forward (the same on any device); step x FT = ratio to the mean "
                   "step of the FT runs just before and after the method's (FT runs again after every method, so the "
                   "machine's drift cancels; FT's row: the median of its runs, and in brackets their range as "
@@ -400,9 +348,11 @@ def markdown(figures: dict) -> str:
 def main():
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=common.device_name, default="auto", help="(default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="tiny step counts: checks that it runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny step counts, every run in this process: checks that it runs")
     parser.add_argument("--steps", type=common.positive_int, default=None,
-                        help="timed steps per method after one warm-up step (default: 3 on CPU, 20 on CUDA, 1 quick)")
+                        help="batches in each of a run's two epochs, the first the warm-up, the second timed "
+                             "(default: 3 on CPU, 20 on CUDA, 2 quick)")
     parser.add_argument("--archs", default=ARCHS, help="comma-separated architectures (default: %(default)s)")
     parser.add_argument("--batch-sizes", default=BATCH_SIZES, help="comma-separated (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write all figures as JSON here")
@@ -414,15 +364,12 @@ def main():
                         help="part 4's methods (default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="part 4's Fashion-MNIST root (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
-                        help="also measure every method under torch.compile (GPU; minutes of compilation each)")
-    # internal: ARCH:METHOD:BATCH[:fp32|:compile], one configuration in a subprocess
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+                        help="also measure every method with the scripts' --compile (GPU; minutes of compilation "
+                             "each)")
     args = parser.parse_args()
     common.check_output_files((args.json, args.md), args.overwrite)
     device = common.pick_device(args.device)
-    steps = args.steps or (1 if args.quick else 20 if device.type == "cuda" else 3)
-    if steps < 1:
-        raise common.UserError(f"--steps must be >= 1, got {steps}")
+    steps = args.steps or (2 if args.quick else 20 if device.type == "cuda" else 3)
     archs = args.archs.split(",")
     try:
         batch_sizes = [common.positive_int(b) for b in args.batch_sizes.split(",")]
@@ -437,9 +384,6 @@ def main():
     for names, known, flag in ((parts, PARTS, "--parts"), (whole_run_methods, METHODS, "--whole-run-methods")):
         if unknown := [n for n in names if n not in known]:
             raise common.UserError(f"{flag} {unknown}: choose from {', '.join(known)}")
-    if args.one:
-        print(json.dumps(one_config(args.one, device, steps)))
-        return
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu, {torch.get_num_threads()} threads")
@@ -447,18 +391,22 @@ def main():
         figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
         print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
 
-    if "cost" in parts:
-        variants = [""] + ([":fp32"] if device.type == "cuda" else []) + ([":compile"] if args.compile else [])
-        figures["methods"] = with_ratios(method_costs(archs, batch_sizes, variants, device, steps))
+    with tempfile.TemporaryDirectory() as folder:  # the random originals and the runs' checkpoints
+        if "cost" in parts:
+            variants = [False] + ([True] if args.compile else [])
+            # On CPU a process per run (its own peak RSS), except in --quick, which checks that it runs (and so
+            # runs the CUDA path, main() in this process).
+            in_process = device.type == "cuda" or args.quick
+            figures["methods"] = with_ratios(method_costs(archs, batch_sizes, variants, device, steps, Path(folder),
+                                                          in_process=in_process))
 
-    if "end-to-end" in parts and device.type == "cuda" and not args.quick:
-        figures["end_to_end_loraprune"] = end_to_end_loraprune(device)
-        print(json.dumps(dict(part="end_to_end", **figures["end_to_end_loraprune"])), flush=True)
-    elif "end-to-end" in parts:
-        figures["end_to_end_skipped"] = ("skipped: " + ("--quick" if device.type == "cuda" else
-                                         "needs CUDA (5 ResNet-50 epochs over 45,000 images take hours on CPU)"))
-        print(f"end-to-end PruneLoRA: {figures['end_to_end_skipped']}; fp32 vs bf16/channels_last: "
-              f"{'measured above' if device.type == 'cuda' else 'skipped: needs CUDA'}")
+        if "end-to-end" in parts and device.type == "cuda" and not args.quick:
+            figures["end_to_end_loraprune"] = end_to_end_loraprune(device, Path(folder))
+            print(json.dumps(dict(part="end_to_end", **figures["end_to_end_loraprune"])), flush=True)
+        elif "end-to-end" in parts:
+            figures["end_to_end_skipped"] = ("skipped: " + ("--quick" if device.type == "cuda" else
+                                             "needs CUDA (5 ResNet-50 epochs over 45,000 images take hours on CPU)"))
+            print(f"end-to-end PruneLoRA: {figures['end_to_end_skipped']}")
 
     if "whole-runs" in parts:
         figures["whole_runs"] = [row for arch in archs

@@ -105,6 +105,8 @@ def _write_checkpoint(model: nn.Module, path: Path, *, arch: str, method: str, d
                 wall_time_s=round(result.wall_time_s, 3) if result else None,
                 peak_mem_mb=round(result.peak_mem_mb, 1) if result else None,
                 peak_mem_kind=("cuda_max_allocated" if next(model.parameters()).is_cuda else "process_max_rss"),
+                activation_mb=(round(result.activation_bytes / 2**20, 1)
+                               if result and result.activation_bytes is not None else None),
                 trainable_params=trainable_params, total_params=count_params(model)[1],
                 sparsity=round(sparsity(model, family), 6), pruned_modules=pruned_modules(model),
                 history=result.history if result else [], versions=library_versions(), git_commit=_git_commit(),

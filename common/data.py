@@ -45,6 +45,20 @@ DATASETS = {
     "svhn": DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False, 4),
     "fashion-mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), True, 2),
 }
+# Random images in a real dataset's shape, for benchmarks (bench.py): a step's cost does not depend on the pixels,
+# and these need no files. name -> (the dataset whose shape and classes they take, training images, test images).
+RANDOM_DATASETS = {"random-cifar10": ("cifar10", 50_000, 1_000)}
+DATASETS.update({name: DATASETS[like] for name, (like, _, _) in RANDOM_DATASETS.items()})
+
+
+def _random_split(name: str, train: bool):
+    """A random dataset's training or test images (uint8, seeded: the same on every call) and labels."""
+    like, train_images, test_images = RANDOM_DATASETS[name]
+    info = DATASETS[like]
+    gen = torch.Generator().manual_seed(0 if train else 1)
+    n = train_images if train else test_images
+    x = torch.randint(0, 256, (n, info.channels, info.size, info.size), dtype=torch.uint8, generator=gen)
+    return x, torch.randint(0, info.num_classes, (n,), generator=gen)
 
 
 def _torchvision_split(name: str, root: Path, train: bool, download: bool):
@@ -86,6 +100,8 @@ def load_dataset(name: str, data_dir: str | Path, download: bool = False):
     """Return (info, (x_train, y_train), (x_test, y_test)) as CPU tensors: uint8 NCHW images, int64 labels."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name in RANDOM_DATASETS:
+        return DATASETS[name], _random_split(name, True), _random_split(name, False)
     root = Path(data_dir)
     if name == "fashion-mnist":
         _copy_debian_fashion_mnist(root)

@@ -76,14 +76,15 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
                after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
-               compile_model: bool = False, measure_activations: bool = False, log: bool = True,
+               compile_model: bool = False, measure_activations: bool = True, log: bool = True,
                bf16: bool = True) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
     validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
     torch.compile'd view of the model (same parameters; the first steps pay the compilation).
-    measure_activations records the first step's saved_activation_bytes (not with compile_model). log=False
+    measure_activations records the first step's saved_activation_bytes (not with compile_model; the sidecar's
+    activation_mb; counting them leaves the step's numbers as they are). log=False
     keeps the per-epoch JSON lines off the output (for callers whose "epochs" are single steps). bf16=False runs
     CUDA steps in fp32 (bench.py's baseline; CPU steps always are)."""
     clock = Stopwatch(device)
@@ -99,7 +100,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                        disable=None, dynamic_ncols=True)
             for batch in bar:
                 with autocast(device, bf16=bf16):
-                    if measure_activations and activation_bytes is None:
+                    if measure_activations and not compile_model and activation_bytes is None:
                         loss, activation_bytes = saved_activation_bytes(forward_model, lambda m: loss_fn(m, batch))
                     else:
                         loss = loss_fn(forward_model, batch)
@@ -118,7 +119,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
             if not math.isfinite(mean_loss):
                 raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
                                 "lower the learning rate (nothing was written)")
-            record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(clock.elapsed_s(), 2))
+            record = dict(epoch=epoch + 1, loss=round(mean_loss, 5), time_s=round(clock.elapsed_s(), 4))
             if after_epoch is not None:
                 record.update(after_epoch(epoch))
             history.append(record)

@@ -3,6 +3,7 @@ imports another (bench.py runs method scripts' main()), no module over its size 
 function of its tensors alone."""
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,9 @@ def test_scripts_import_only_common_and_bench_only_method_scripts():
         scripts = graph[script] & set(SCRIPTS)
         if script == "bench":
             assert "common" in graph[script] and not scripts & {"reproduce", "audit", "evaluate", "bench"}, scripts
+            # It runs their main(); a script's constants read here would mean a pipeline rebuilt beside the script's.
+            used = set(re.findall(r"\b([a-z_]+)\.([A-Z][A-Z_0-9]*)\b", (ROOT / "bench.py").read_text()))
+            assert not {(name, constant) for name, constant in used if name in scripts}, used
         else:
             assert not scripts, f"{script}.py imports {sorted(scripts)}"
             assert graph[script] <= {"common"}, f"{script}.py imports {sorted(graph[script] - {'common'})}"

@@ -166,14 +166,12 @@ def test_gpu_profiles_dry_run_lists_the_paper_commands():
 @pytest.mark.slow
 def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_two_ft_runs(tmp_path):
     proc = run_script("bench.py", "--quick", "--device", "cpu", "--archs", "resnet_tiny,vit_tiny",
-                      "--batch-sizes", "32", "--json", tmp_path / "bench.json")
-    assert "loop/raw ratio" in proc.stdout and "| vit_tiny | 32 | loraprune |" in proc.stdout
-    # dropout's cost is measured where LoRA's default has dropout (ResNets: 0.1), not on ViTs (0)
-    assert "| resnet_tiny | 32 | lora-dropout0 |" in proc.stdout and "| vit_tiny | 32 | lora-dropout0 |" not in proc.stdout
+                      "--batch-sizes", "16", "--json", tmp_path / "bench.json")
+    assert "loop/raw ratio" in proc.stdout and "| vit_tiny | 16 | loraprune |" in proc.stdout
     assert "skipped: needs CUDA" in proc.stdout
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"part": "method_cost"')]
     table = json.loads((tmp_path / "bench.json").read_text())["methods"]
-    for arch, n_methods in (("resnet_tiny", 6), ("vit_tiny", 5)):
+    for arch, n_methods in (("resnet_tiny", 6), ("vit_tiny", 5)):  # the methods, and FT between and around them
         order = [r["method"] for r in runs if r["arch"] == arch]
         assert order[::2] == ["finetune"] * (n_methods + 1) and "finetune" not in order[1::2]
         ft_row, *rows = [r for r in table if r["arch"] == arch]
@@ -181,28 +179,47 @@ def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_t
         assert ft_row["method"] == "finetune" and ft_row["ft_runs"] == n_methods + 1
         assert ft_row["ft_range_s"] == [min(ft_steps), max(ft_steps)] and ft_row["step_vs_ft"] == 1
         # from the median itself: with an even number of FT runs it has a fifth decimal that step_s rounds away
-        assert ft_row["epoch_s_extrapolated"] == round(statistics.median(ft_steps) * 45_000 / 32, 1)
+        assert ft_row["epoch_s_extrapolated"] == round(statistics.median(ft_steps) * 45_000 / 16, 1)
         for i, row in enumerate(rows):  # each method against the mean of the FT runs just before and after it
             assert row["method"] == order[2 * i + 1]
             assert row["ft_step_s"] == round((ft_steps[i] + ft_steps[i + 1]) / 2, 4)
             assert row["step_vs_ft"] == round(row["step_s"] / row["ft_step_s"], 2)
+        # read from the scripts' own checkpoints: adapters train a fraction of the weights; activations recorded
+        assert all(r["activation_mb"] > 0 and r["timed_steps"] >= 2 for r in [ft_row, *rows])
+        adapted = {r["method"] for r in rows if r["trainable_pct"] < 50}
+        assert adapted == {r["method"] for r in rows if r["method"].startswith("lora")}
 
 
-def test_bench_measures_a_configuration_in_process_with_fp32_as_a_parameter():
-    # On CUDA part 2 runs every configuration in one process: the fp32 baseline is a parameter of the helpers
-    # (contiguous memory, no bf16 autocast), so it cannot leak into the next configuration.
+def test_bench_compares_adapter_dropout_only_where_loras_default_has_it():
     import bench
-    cpu = torch.device("cpu")
+    assert bench.compared_methods("resnet_tiny") == ["pruneft", "lora", "lora-dropout0", "loraprune",
+                                                     "pruneft-shrink", "loraprune-shrink"]
+    assert "lora-dropout0" not in bench.compared_methods("vit_tiny")  # ViTs' LoRA default has no dropout
 
-    def first_conv(fp32):
-        model = bench.method_model("resnet_tiny", "loraprune", cpu, fp32=fp32)
-        return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1).weight
-    assert first_conv(fp32=True).is_contiguous()
-    assert first_conv(fp32=False).is_contiguous(memory_format=torch.channels_last)
-    assert not first_conv(fp32=False).is_contiguous()
-    row = bench.one_config("resnet_tiny:loraprune:8:fp32", cpu, 1)
-    assert row["method"] == "loraprune" and row["batch_size"] == 8 and row["step_s"] > 0
-    assert 0 < row["trainable_params"] < row["total_params"]
+
+@pytest.mark.slow
+def test_bench_runs_a_cpu_configuration_as_its_own_process(tmp_path):
+    import bench
+    row = bench.method_cost("resnet_tiny", "loraprune-shrink", 16, torch.device("cpu"), 2, tmp_path,
+                            in_process=False)
+    (sidecar,) = [common.read_sidecar(p) for p in tmp_path.glob("*_loraprune-shrink.safetensors")]
+    assert sidecar["peak_mem_kind"] == "process_max_rss" and sidecar["config"]["shrink"]
+    assert row["peak_mem_mb"] == round(sidecar["peak_mem_mb"]) and row["timed_steps"] >= 2
+    assert row["step_s"] > 0 and row["trainable_params"] == sidecar["trainable_params"] < row["total_params"]
+
+
+def test_bench_unlearns_random_cifar10_shaped_images_that_need_no_files(tmp_path):
+    # Parts 2 and 3 run the method scripts from a random original of the random-cifar10 dataset: seeded, CIFAR-10's
+    # shape and classes, nothing read from disk.
+    import bench
+    original = bench.random_original("resnet_tiny", tmp_path, images=100)
+    meta = common.read_sidecar(original)
+    assert meta["data"]["dataset"] == "random-cifar10" and meta["data"]["val_fraction"] == 0
+    data = common.data_from_spec(dict(meta["data"], forget_class=3), tmp_path / "nothing here", "cpu")
+    again = common.make_data("random-cifar10", tmp_path, val_fraction=0.0, train_subset=100, forget_class=3)
+    assert data.x_train.shape[1:] == (3, 32, 32) and data.info == common.DATASETS["cifar10"]
+    assert torch.equal(data.x_train, again.x_train) and torch.equal(data.forget, again.forget)
+    assert len(data.train) == 100 and 0 < len(data.forget) < 30 and len(data.x_test) == 1_000
 
 
 @pytest.mark.slow
