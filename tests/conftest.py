@@ -27,6 +27,11 @@ TINY_RESNET = ["--arch", "resnet_tiny", "--epochs", "6", "--batch-size", "64", "
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs the project's scripts end to end or needs a trained model "
                                        "(the session fixtures); `pytest -m 'not slow'` leaves them out")
+    if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        # pytest-xdist: the cores shared out between the workers and the scripts they start, not each taking all.
+        threads = max(len(os.sched_getaffinity(0)) // int(workers), 1)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def run_script(script: str, *args, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
@@ -103,8 +108,23 @@ def no_lock_file_left(request):
     assert not left, f"lock files left behind: {left}"
 
 
+def made_once(out: Path, script: str, *args) -> Path:
+    """`script` run with these arguments and `--out out`, unless `out` is already there: a trained fixture is made
+    once per test run, by whichever pytest-xdist worker asks first (the others wait for it, then read it)."""
+    with common.exclusive(out.parent / f".{out.name}.fixture.lock"):
+        if not common.finished(out):
+            run_script(script, *args, "--out", out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
+    """The trained fixtures' folder: one per test run, shared by the pytest-xdist workers (their common parent)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "work"
+        path.mkdir(exist_ok=True)
+        yield path  # another worker may still be writing here: its own tests check their lock files
+        return
     path = tmp_path_factory.mktemp("work")
     yield path
     left = sorted(path.rglob(".*.lock"))
@@ -119,49 +139,38 @@ def data_dir(workdir) -> Path:
 @pytest.fixture(scope="session")
 def original(workdir, data_dir) -> Path:
     """An original resnet_tiny trained on the subset (about 81% test accuracy)."""
-    out = workdir / "original.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "original.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--data-dir", data_dir)
 
 
 @pytest.fixture(scope="session")
 def retrain(workdir, data_dir) -> Path:
     """Retrain for forget class 3 on the same subset and recipe."""
-    out = workdir / "retrain_class3.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
-               "--forget-class", "3", "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "retrain_class3.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
+                     "--forget-class", "3", "--data-dir", data_dir)
 
 
 @pytest.fixture(scope="session")
 def retrain_seed1(workdir, data_dir) -> Path:
     """A second Retrain for forget class 3 (seed 1): the seed-noise floor."""
-    out = workdir / "retrain_class3_s1.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--seed", "1",
-               "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "retrain_class3_s1.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
+                     "--forget-class", "3", "--seed", "1", "--data-dir", data_dir)
 
 
 @pytest.fixture(scope="session")
 def original_vit(workdir, data_dir) -> Path:
-    out = workdir / "original_vit.safetensors"
-    run_script("pretrain.py", *SUBSET, "--arch", "vit_tiny", "--epochs", "2", "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "original_vit.safetensors", "pretrain.py", *SUBSET, "--arch", "vit_tiny", "--epochs",
+                     "2", "--data-dir", data_dir)
 
 
 @pytest.fixture(scope="session")
 def retrain_random(workdir, data_dir) -> Path:
     """Retrain for a random forget set of 300 images (forget seed 0) on the same subset and recipe."""
-    out = workdir / "retrain_random300.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
-               "--forget-random", "300", "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "retrain_random300.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
+                     "--forget-random", "300", "--data-dir", data_dir)
 
 
 @pytest.fixture(scope="session")
 def omp(original, data_dir, workdir) -> Path:
     """The original pruned to 50% by OMP (global L1 magnitude, rewind to epoch 1, retrain with the mask)."""
-    out = workdir / "omp50.safetensors"
-    run_script("prune.py", "--model", original, "--sparsity", "0.5", "--rewind-epoch", "1", "--data-dir", data_dir,
-               "--out", out)
-    return out
+    return made_once(workdir / "omp50.safetensors", "prune.py", "--model", original, "--sparsity", "0.5",
+                     "--rewind-epoch", "1", "--data-dir", data_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import made_once, run_script
 
 
 def test_steps_to_finds_the_first_step_at_the_target():
@@ -29,19 +29,17 @@ def test_relearn_data_is_one_draw_with_the_held_out_forgotten_images_kept_out(da
 
 # A model that memorises its training images (2,000 images, 30 epochs, no augmentation: 100% train accuracy), and
 # two Retrains without 200 random ones: the probe should read the memorised Df on the original's features only.
-MEMORISING = ["--dataset", "fashion-mnist", "--train-subset", "2000", "--val-fraction", "0.1", "--arch",
+# The probe fits on the validation split: 2% (1,200 images) is enough, and each epoch's validation pass is short.
+MEMORISING = ["--dataset", "fashion-mnist", "--train-subset", "2000", "--val-fraction", "0.02", "--arch",
               "resnet_tiny", "--epochs", "30", "--batch-size", "64", "--lr", "0.1", "--augment", "false"]
 
 
 @pytest.fixture(scope="module")
 def memorising(workdir, data_dir):
     """(original, Retrain seed 0, Retrain seed 1) for 200 random images, on the memorising recipe."""
-    paths = [workdir / f"memorising_{name}.safetensors" for name in ("original", "retrain_s0", "retrain_s1")]
-    run_script("pretrain.py", *MEMORISING, "--data-dir", data_dir, "--out", paths[0])
-    for seed, out in enumerate(paths[1:]):
-        run_script("pretrain.py", *MEMORISING, "--retrain", "--forget-random", "200", "--seed", seed,
-                   "--data-dir", data_dir, "--out", out)
-    return paths
+    return [made_once(workdir / "memorising_original.safetensors", "pretrain.py", *MEMORISING, "--data-dir", data_dir),
+            *(made_once(workdir / f"memorising_retrain_s{seed}.safetensors", "pretrain.py", *MEMORISING, "--retrain",
+                        "--forget-random", "200", "--seed", seed, "--data-dir", data_dir) for seed in (0, 1))]
 
 
 @pytest.mark.slow
@@ -53,7 +51,7 @@ def test_probe_tells_the_original_from_retrain_but_not_two_retrains(memorising, 
     assert "probe Acc(Df) ↓" in proc.stdout
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     floor = abs(rows["retrain"]["probe_forget_acc"] - rows["retrain-floor s1"]["probe_forget_acc"])
-    # Measured: original 96.5, Retrains 81.5 and 84.0.
+    # Measured: original 96.5, Retrains 80.0 and 83.5.
     assert rows["original"]["probe_forget_acc"] - rows["retrain"]["probe_forget_acc"] > max(3 * floor, 5.0)
     assert rows["retrain"]["probe_test_forget_acc"] is None  # random-sample: no forgotten class
 
@@ -113,10 +111,11 @@ def test_challenge_epsilon_is_zero_for_one_distribution_and_the_cap_for_separate
     assert common.challenge_points(np.array([0.0, 0.7, common.EPSILON_CAP]), n_models=8).tolist() == [1, 0.5, 0]
 
 
-# Six shadows of a small memorising recipe (300-image halves, 40 epochs): the smallest population that runs
+# Six shadows of a small memorising recipe (300-image halves, 40 epochs, no validation split: nothing here reads
+# one, and its pass after every epoch would cost more than the training): the smallest population that runs
 # every step; it tells the original apart, it measures nothing finer.
-LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 --epochs 40 --batch-size 64 "
-                 "--lr 0.1 --augment false")
+LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 --val-fraction 0 --epochs 40 "
+                 "--batch-size 64 --lr 0.1 --augment false")
 
 
 @pytest.mark.slow
@@ -131,6 +130,7 @@ def test_lira_end_to_end_scores_the_original_above_the_retrain_floor_and_resumes
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "ga"]
     # The original still holds its training images: far easier to tell from never-seen than Retrain is.
+    # Measured: AUC 0.874 against 0.505, forget quality 0.110 against 0.350.
     assert rows["original"]["auc"] > rows["retrain"]["auc"] + 0.15, rows
     assert rows["original"]["forget_quality"] < rows["retrain"]["forget_quality"]
     again = run_script(*args)  # resumes: every shadow model exists

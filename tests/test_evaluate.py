@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import made_once, run_script
 
 
 def test_attacks_on_separable_scores_call_members_members_and_non_members_non_members():
@@ -49,10 +49,8 @@ def test_avg_gap_is_the_mean_absolute_gap_over_ua_ra_ta_mia():
 
 @pytest.fixture(scope="module")
 def finetuned(original, data_dir, workdir):
-    out = workdir / "eval_finetune_class3.safetensors"
-    run_script("finetune.py", "--model", original, "--forget-class", "3", "--epochs", "1", "--data-dir", data_dir,
-               "--out", out)
-    return out
+    return made_once(workdir / "eval_finetune_class3.safetensors", "finetune.py", "--model", original,
+                     "--forget-class", "3", "--epochs", "1", "--data-dir", data_dir)
 
 
 @pytest.mark.slow

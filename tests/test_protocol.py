@@ -15,7 +15,7 @@ import common
 import ff
 import pretrain
 import rl
-from conftest import SUBSET, TINY_RESNET, run_script
+from conftest import SUBSET, TINY_RESNET, made_once, run_script
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,10 +79,8 @@ def test_predict_fp32_ignores_autocast():
 
 @pytest.fixture(scope="module")
 def sparse_retrain(omp, data_dir, workdir):
-    out = workdir / "retrain_sparse_class3.safetensors"
-    run_script("pretrain.py", *SUBSET, *TINY_RESNET, "--retrain", "--forget-class", "3", "--mask-from", omp,
-               "--data-dir", data_dir, "--out", out)
-    return out
+    return made_once(workdir / "retrain_sparse_class3.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET,
+                     "--retrain", "--forget-class", "3", "--mask-from", omp, "--data-dir", data_dir)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import run_script
+from conftest import made_once, run_script
 
 
 def _lora_model(model, arch, prune_method="none"):
@@ -70,13 +70,9 @@ def test_masked_lora_merge_equals_the_trained_function_and_keeps_the_zeros(origi
 
 @pytest.fixture(scope="module")
 def four_methods(original, data_dir, workdir):
-    outputs = {}
-    for script in ("finetune", "pruneft", "lora", "loraprune"):
-        out = workdir / f"{script}_class3.safetensors"
-        run_script(f"{script}.py", "--model", original, "--forget-class", "3", "--epochs", "3",
-                   "--data-dir", data_dir, "--out", out)
-        outputs[script] = out
-    return outputs
+    return {script: made_once(workdir / f"{script}_class3.safetensors", f"{script}.py", "--model", original,
+                              "--forget-class", "3", "--epochs", "3", "--data-dir", data_dir)
+            for script in ("finetune", "pruneft", "lora", "loraprune")}
 
 
 @pytest.mark.slow
