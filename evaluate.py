@@ -15,6 +15,8 @@ split instead of the test set: choose a method's settings there, and read the te
 """
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 import common
@@ -62,7 +64,8 @@ def evaluate_checkpoints(paths: list[str], retrain: str | None = None, *, sparse
     parts = dict(forget=data.subset("forget"), retain=data.subset("retain"), **common.held_out(data, split))
     labels = {s: y.cpu() for s, (_, y) in parts.items()}
     rows, logits_of = [], {}
-    for path, meta in metas.items():
+    for i, (path, meta) in enumerate(metas.items()):
+        start = time.perf_counter()
         model, _ = common.load_checkpoint(path, device)
         input_size = common.ARCHS[meta["arch"]].input_size
         logits_of[path] = {s: common.predict(model, x, data.info, input_size, fp32=True) for s, (x, _) in parts.items()}
@@ -73,6 +76,9 @@ def evaluate_checkpoints(paths: list[str], retrain: str | None = None, *, sparse
         row.update({k: meta.get(k) for k in ("wall_time_s", "peak_mem_mb", "trainable_params", "total_params",
                                              "sparsity")})
         rows.append(row)
+        # Progress on stderr (stdout is the report): scoring a model takes seconds to minutes on a CPU.
+        print(f"[{i + 1}/{len(metas)}] {name}: scored in {time.perf_counter() - start:.1f}s ({path})",
+              file=sys.stderr, flush=True)
     if retrain:
         by_path = {r["path"]: r for r in rows}
         dense, sparse = str(retrain), str(sparse_retrain) if sparse_retrain else None

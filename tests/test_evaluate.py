@@ -60,6 +60,9 @@ def test_evaluate_end_to_end_class_wise(original, retrain, finetuned, data_dir, 
                       "--data-dir", data_dir, "--json", js, "--md", md, process=True)  # through the interpreter
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "finetune"]
+    # a progress line per model as it is scored, on stderr: stdout is the report alone
+    assert [line.split(":")[0] for line in proc.stderr.splitlines() if "scored in" in line] == \
+        ["[1/3] retrain", "[2/3] original", "[3/3] finetune"] and "scored in" not in proc.stdout
     assert rows["retrain"]["UA"] == 100 and rows["retrain"]["FTA"] == 0 and rows["retrain"]["avg_gap"] == 0
     assert rows["retrain"]["act_dist_forget"] == 0 and rows["retrain"]["js_forget"] == 0
     assert rows["original"]["UA"] < 50 and rows["original"]["avg_gap"] > rows["finetune"]["avg_gap"]
