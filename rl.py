@@ -1,7 +1,10 @@
-"""RL (random labels): each epoch, Df relabelled at random is mixed into Dr and the model makes one shuffled
-pass over the union with cross-entropy (Unlearn-Sparse / SalUn baseline; Jia et al. 2023, Sec. 5; the
-authors' unlearn/RL.py). Fresh labels are drawn every epoch, uniformly over all classes as upstream does
-(so about 1/C of Df keeps its true label); --wrong-labels-only excludes the true label.
+"""RL (random labels; Unlearn-Sparse / SalUn baseline, Jia et al. 2023, Sec. 5): each epoch, a shuffled pass
+over Df with fresh random labels, then a shuffled pass over Dr with its own, cross-entropy throughout, as the SalUn
+authors' Classification/unlearn/RL.py runs it for CIFAR-10 and SVHN (common.random_label_epoch). --mixed-pass
+makes one shuffled pass over the union instead: their CIFAR-100 / TinyImageNet branch, and the RL.py of
+Unlearn-Sparse. Labels are drawn uniformly over all classes as upstream does (so about 1/C of Df keeps its true
+label; upstream draws them per batch, we per epoch: the same distribution); --wrong-labels-only excludes the true
+label.
 
     python rl.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-class 3
 
@@ -10,8 +13,6 @@ Works on dense or sparse (prune.py) models, masks kept; --lora adapts through Lo
 """
 import argparse
 import time
-
-import torch
 
 import common
 
@@ -25,15 +26,8 @@ OPTIMIZER = "sgd"
 WEIGHT_DECAY = 5e-4
 AUGMENT = True
 WRONG_LABELS_ONLY = False  # upstream draws randint(0, C): a random label may equal the true one
+MIXED_PASS = False  # False: a Df pass, then a Dr pass (upstream's CIFAR-10/SVHN order); True: one mixed pass
 LORA = False  # True: train LoRA adapters + head instead of every weight
-
-
-def relabelled_union_batches(forget: tuple, retain: tuple, *, num_classes: int, batch_size: int,
-                             gen: torch.Generator, wrong_only: bool):
-    """One RL epoch: Df with fresh random labels and Dr with its own, concatenated and shuffled into batches."""
-    (x_forget, y_forget), (x_retain, y_retain) = forget, retain
-    labels = torch.cat([common.random_labels(y_forget, num_classes, gen, wrong_only), y_retain])
-    return common.batches(torch.cat([x_forget, x_retain]), labels, batch_size, shuffle=True, gen=gen)
 
 
 def main():
@@ -42,6 +36,9 @@ def main():
                           weight_decay=WEIGHT_DECAY, augment=AUGMENT)
     parser.add_argument("--wrong-labels-only", action=argparse.BooleanOptionalAction, default=WRONG_LABELS_ONLY,
                         help="never relabel a Df image with its true class (default: %(default)s)")
+    parser.add_argument("--mixed-pass", action=argparse.BooleanOptionalAction, default=MIXED_PASS,
+                        help="one shuffled pass over Df and Dr together (upstream's CIFAR-100 order) instead of a "
+                             "Df pass, then a Dr pass (default: %(default)s)")
     common.add_lora_args(parser, lora=LORA)
     args = parser.parse_args()
 
@@ -63,13 +60,14 @@ def main():
         model = common.add_lora(model, **lora, train_head=args.lora_head)
     prep_time_s = time.perf_counter() - start
 
-    # Each epoch: Df with fresh random labels, mixed into Dr; cross-entropy on the union.
+    # Each epoch: Df with fresh random labels, then Dr (or the two mixed); cross-entropy throughout.
     forget, retain = data.subset("forget"), data.subset("retain")
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(
         model, optimizer, args.epochs,
-        lambda epoch: relabelled_union_batches(forget, retain, num_classes=data.info.num_classes,
-                                               batch_size=args.batch_size, gen=gen, wrong_only=args.wrong_labels_only),
+        lambda epoch: common.random_label_epoch(forget, retain, num_classes=data.info.num_classes,
+                                                batch_size=args.batch_size, gen=gen,
+                                                wrong_only=args.wrong_labels_only, mixed=args.mixed_pass),
         common.ce_loss(data.info, arch.input_size, args.augment, gen), device=device, desc=METHOD,
         freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
 

@@ -64,15 +64,6 @@ def restrict_to_mask(model, optimizer, mask: dict[str, torch.Tensor], *, freeze_
         optimizer.register_step_post_hook(put_back)
 
 
-def forget_then_retain_batches(forget: tuple, retain: tuple, *, num_classes: int, batch_size: int,
-                               gen: torch.Generator):
-    """One SalUn epoch: a shuffled pass over Df with fresh random labels, then a shuffled pass over Dr."""
-    (x_forget, y_forget), (x_retain, y_retain) = forget, retain
-    yield from common.batches(x_forget, common.random_labels(y_forget, num_classes, gen, wrong_only=False), batch_size,
-                              shuffle=True, gen=gen)
-    yield from common.batches(x_retain, y_retain, batch_size, shuffle=True, gen=gen)
-
-
 def main():
     parser = common.unlearn_parser(__doc__, forget_class=FORGET_CLASS)
     common.add_optim_args(parser, epochs=EPOCHS, lr=LR, batch_size=BATCH_SIZE, optimizer=OPTIMIZER,
@@ -113,8 +104,8 @@ def main():
     restrict_to_mask(model, optimizer, mask, freeze_unmasked=args.freeze_unmasked)
     result = common.train_loop(
         model, optimizer, args.epochs,
-        lambda epoch: forget_then_retain_batches(forget, retain, num_classes=data.info.num_classes,
-                                                 batch_size=args.batch_size, gen=gen),
+        lambda epoch: common.random_label_epoch(forget, retain, num_classes=data.info.num_classes,
+                                                batch_size=args.batch_size, gen=gen),
         common.ce_loss(data.info, arch.input_size, args.augment, gen), device=device, desc=METHOD,
         freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
     if args.freeze_unmasked:

@@ -63,8 +63,8 @@ from .batchnorm import (  # noqa: F401
     BN_CALIBRATION_IMAGES, set_train_mode, frozen_batchnorm, recalibrate_batchnorm,
 )
 from .training import (  # noqa: F401
-    saved_activation_bytes, TrainResult, Stopwatch, train_loop, ce_loss, random_labels, distill_kl,
-    batch_gradients, predict, accuracy, make_optimizer,
+    saved_activation_bytes, TrainResult, Stopwatch, train_loop, ce_loss, random_labels, random_label_epoch,
+    distill_kl, batch_gradients, predict, accuracy, make_optimizer,
 )
 from .outputs import (  # noqa: F401
     sidecar_path, lock_path, claim_file, release_claim, release_claims, finished, check_output_files,

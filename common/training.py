@@ -148,6 +148,21 @@ def random_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator, 
     return torch.randint(0, num_classes, labels.shape, device=labels.device, generator=gen)
 
 
+def random_label_epoch(forget: tuple, retain: tuple, *, num_classes: int, batch_size: int, gen: torch.Generator,
+                       wrong_only: bool = False, mixed: bool = False):
+    """One random-label unlearning epoch (RL, SalUn) as batches of (images, labels): Df with fresh random labels
+    (random_labels), then Dr with its own, each pass shuffled, as the SalUn authors' Classification/unlearn/RL.py
+    runs it for CIFAR-10 and SVHN; mixed: one shuffled pass over the union, their CIFAR-100 branch."""
+    (x_forget, y_forget), (x_retain, y_retain) = forget, retain
+    labels = random_labels(y_forget, num_classes, gen, wrong_only)
+    if mixed:
+        yield from batches(torch.cat([x_forget, x_retain]), torch.cat([labels, y_retain]), batch_size, shuffle=True,
+                           gen=gen)
+        return
+    yield from batches(x_forget, labels, batch_size, shuffle=True, gen=gen)
+    yield from batches(x_retain, y_retain, batch_size, shuffle=True, gen=gen)
+
+
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) summed over classes, averaged over the batch, times T^2
     (Hinton et al. 2015's scaling; SCRUB's DistillKL). The teacher side carries no gradient."""

@@ -14,7 +14,6 @@ from sklearn.svm import SVC
 import common
 import ff
 import pretrain
-import rl
 from conftest import SUBSET, TINY_RESNET, made_once, run_script
 
 
@@ -189,16 +188,20 @@ def test_validation_split_replaces_the_test_set(original, retrain, data_dir, tmp
 # ---------------------------------------------------------------------------------------------------------
 # Recipe fixes.
 
-def test_rl_epoch_is_one_shuffled_pass_over_dr_with_relabelled_df_mixed_in():
+@pytest.mark.parametrize("mixed", [False, True])
+def test_rl_epoch_is_a_relabelled_df_pass_then_a_dr_pass_or_one_mixed_pass(mixed):
     gen = torch.Generator().manual_seed(0)
     x_forget, y_forget = torch.arange(300).view(-1, 1), torch.full((300,), 3)
     x_retain, y_retain = torch.arange(300, 1000).view(-1, 1), torch.arange(700) % 10
-    batches = list(rl.relabelled_union_batches((x_forget, y_forget), (x_retain, y_retain), num_classes=10,
-                                               batch_size=64, gen=gen, wrong_only=False))
+    batches = list(common.random_label_epoch((x_forget, y_forget), (x_retain, y_retain), num_classes=10,
+                                             batch_size=64, gen=gen, mixed=mixed))
     x = torch.cat([b[0] for b in batches]).flatten()
     y = torch.cat([b[1] for b in batches])
     assert sorted(x.tolist()) == list(range(1000))  # every Df and Dr image exactly once
-    assert len(batches) == 16 and any(((b[0] < 300).any() and (b[0] >= 300).any()) for b in batches)  # mixed
+    if mixed:  # the authors' CIFAR-100 branch: one shuffled pass over the union
+        assert len(batches) == 16 and any(((b[0] < 300).any() and (b[0] >= 300).any()) for b in batches)
+    else:  # their CIFAR-10/SVHN branch: 5 batches of Df alone (shuffled), then 11 of Dr
+        assert len(batches) == 16 and (x[:300] < 300).all() and x[:300].tolist() != list(range(300))
     retained = x >= 300
     assert torch.equal(y[retained], y_retain[x[retained] - 300])  # Dr keeps its labels
     forget_labels = y[~retained]
