@@ -7,8 +7,10 @@ authors' helper/loops.py (train_distill) runs it, one SGD optimizer for both pas
 
 prints the resolved config, one JSON line per epoch, then Acc(Df), Acc(Dr), test accuracy, cost and the path.
 Works on dense or sparse (prune.py) models, masks kept; --lora trains LoRA adapters (+ head) as the student.
---rewind is SCRUB+R (Sec. 3): keep each epoch's student and return the one whose error on Df is closest to the
-error on validation images of the forgotten class (the whole validation split for random-sample forgetting).
+--rewind is SCRUB+R (Sec. 3): keep the student before unlearning and after each epoch, and return the one whose
+error on Df is closest to the final student's error on validation images of the forgotten class (the whole
+validation split for random-sample forgetting), as the authors' notebooks do (MIA_experiments.ipynb, their scrub
+function: errors recorded before every epoch and after the last, the original among the candidates).
 Upstream's step-wise learning-rate decay is left out: it starts after the default 3 epochs.
 """
 import argparse
@@ -65,8 +67,8 @@ def scrub_loss(teacher, info, input_size, *, temperature: float, gamma: float, a
     return loss_fn
 
 
-def forget_error_gap(model, data, input_size) -> float:
-    """|error on Df - error on the validation images of the forgotten class (all of them if random)|, in %."""
+def forget_errors(model, data, input_size) -> tuple[float, float]:
+    """(error on Df, error on the validation images of the forgotten class (all of them if random)), in %."""
     x_val, y_val = data.subset("val")
     if data.forget_class is not None:
         keep = y_val == data.forget_class
@@ -74,7 +76,7 @@ def forget_error_gap(model, data, input_size) -> float:
     x_forget, y_forget = data.subset("forget")
     forget_error = 100 - common.accuracy(common.predict(model, x_forget, data.info, input_size), y_forget)
     val_error = 100 - common.accuracy(common.predict(model, x_val, data.info, input_size), y_val)
-    return abs(forget_error - val_error)
+    return forget_error, val_error
 
 
 def main():
@@ -119,13 +121,16 @@ def main():
         model = common.add_lora(model, **lora, train_head=args.lora_head)
     prep_time_s = time.perf_counter() - start
 
-    # 2. Max passes over Df and min passes over Dr, one optimizer; SCRUB+R keeps every epoch's student.
-    students, gaps = [], []
+    # 2. Max passes over Df and min passes over Dr, one optimizer; SCRUB+R keeps the student before unlearning
+    #    (epoch 0) and after every epoch.
+    students, errors = [], []
 
     def keep_student(epoch):
         students.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        gaps.append(forget_error_gap(model, data, arch.input_size))
-        return dict(forget_error_gap=round(gaps[-1], 3))
+        errors.append(forget_errors(model, data, arch.input_size))
+        return dict(forget_error=round(errors[-1][0], 3), forget_val_error=round(errors[-1][1], 3))
+    if args.rewind:
+        keep_student(-1)
 
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(
@@ -138,11 +143,12 @@ def main():
         after_epoch=keep_student if args.rewind else None)
     rewound_to = None
     if args.rewind:
-        rewound_to = min(range(len(gaps)), key=gaps.__getitem__) + 1
+        target = errors[-1][1]  # the final student's error on held-out images of what Df holds
+        rewound_to = min(range(len(errors)), key=lambda epoch: abs(errors[epoch][0] - target))
         # In place, tensor by tensor: in LoRA mode the snapshots were taken with BatchNorm swapped for its frozen
         # form, whose state has the same names but no num_batches_tracked.
         current = model.state_dict()
-        for name, value in students[rewound_to - 1].items():
+        for name, value in students[rewound_to].items():
             current[name].copy_(value)
 
     model = common.merge_lora(model) if args.lora else model
