@@ -32,6 +32,20 @@ def test_distill_kl_is_the_temperature_scaled_batch_mean_kl():
     assert common.distill_kl(teacher, teacher, 2.0) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_importance_gradients_are_fp32_under_a_callers_autocast(tiny):
+    # SalUn's mask and SSD's importances rank small gradients: computed without autocast, as the authors do, even
+    # where the caller (a training step on CUDA) runs under bf16 autocast. CPU bf16 autocast stands in for it.
+    model, info, x, y = tiny
+
+    def gradients():
+        return [g for batch in common.batch_gradients(model, x[:64], y[:64], info, None, batch_size=32)
+                for g in batch.values()]
+    fp32 = gradients()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = gradients()
+    assert all(torch.equal(a, b) for a, b in zip(fp32, inside))
+
+
 def test_a_teacher_copy_of_a_pruned_model_computes_the_same_and_keeps_its_masks(tiny):
     model, info, x, _ = tiny
     pruned = common.frozen_copy(model).requires_grad_(True)
