@@ -485,7 +485,8 @@ def test_batchnorm_reestimated_on_the_shrunk_model_is_the_masked_models():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc; a no-op elsewhere")
 def test_a_cpu_run_reuses_freed_memory_instead_of_faulting_it_in_every_step():
-    common.pick_device("cpu")
+    # What cli.run_main sets for every script (process-wide; this test process may not have run a script yet).
+    common.keep_freed_memory()
     for _ in range(10):  # the heap grows to hold the block (placement needs a few rounds to settle)
         torch.ones(2**24)  # 64 MB: glibc's default maps it afresh every time, 16,384 page faults
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
