@@ -243,7 +243,8 @@ def end_to_end_loraprune(device: torch.device, folder: Path, arch: str = "resnet
     sync(device)
     total_s = time.perf_counter() - start
     return dict(arch=arch, method="loraprune", device=str(device), precision=precision(device),
-                epochs=len(meta["history"]), retain_images=50_000 - meta["data"]["forget_count"],
+                epochs=len(meta["history"]),
+                retain_images=common.RANDOM_DATASETS[DATASET][1] - meta["data"]["forget_count"],
                 train_loop_s=round(meta["wall_time_s"] - meta["prep_time_s"], 1), end_to_end_s=round(total_s, 1),
                 peak_mem_mb=round(meta["peak_mem_mb"]), note="random 32 px images; excludes the imports")
 
@@ -259,7 +260,8 @@ def whole_runs(arch: str, methods: list[str], device: torch.device, data_dir: st
     with tempfile.TemporaryDirectory() as tmp:
         common_flags = ["--data-dir", data_dir, "--device", str(device)]
         original = Path(tmp) / "original.safetensors"
-        run_script(str(Path(__file__).with_name("pretrain.py")), "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags, "--out", original)
+        run_script(str(Path(__file__).with_name("pretrain.py")), "--arch", arch, *WHOLE_RUN_ORIGINAL, *common_flags,
+                   "--out", original)
         for i, method in enumerate(["finetune", *itertools.chain.from_iterable((m, "finetune") for m in methods)]):
             out = Path(tmp) / f"{i}_{method}.safetensors"
             start = time.perf_counter()

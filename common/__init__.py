@@ -40,7 +40,7 @@ from .system import (  # noqa: F401
     keep_freed_memory, autocast, prepare_model, peak_memory_mb,
 )
 from .data import (  # noqa: F401
-    DEBIAN_FASHION_MNIST, DatasetInfo, DATASETS, load_dataset, Data, SPLIT_KEYS, split_mismatch,
+    DEBIAN_FASHION_MNIST, DatasetInfo, DATASETS, RANDOM_DATASETS, load_dataset, Data, SPLIT_KEYS, split_mismatch,
     shadow_members, index_hash, make_data, data_from_spec, augment, normalize, batches, random_subset,
     shuffled_batches,
 )
