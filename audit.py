@@ -31,6 +31,19 @@ Runs are resumable (a finished checkpoint of the same flags is kept).
     python audit.py lira --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 30
         --augment false" --methods finetune,scrub --method-flags "scrub=--lr 0.005" --shadows 16 --pool 500
 
+rmia: the same question on the same shadow population (same flags, so lira's checkpoints are reused), asked by
+offline RMIA (Zarifzadeh et al. 2024): a likelihood ratio of each target image against population images (the
+test split), calibrated with the other shadows' models; printed beside U-LiRA's AUC and TPR for the same models.
+
+klom: per example, is a method's output distributed as exact unlearning's (KLOM, Georgiev et al. 2025, App. E.1)?
+It trains --models originals (seed k) and unlearns each with every method (seed k), and 2 x --models Retrains on
+one forget set; per image of Df, Dr and the validation split, the KL divergence between the histograms of the
+margin over the reference Retrains (seeds --models and up) and over each population, as percentiles. The other
+half of the Retrains is the floor ("retrain-floor"), the originals the ceiling.
+
+    python audit.py klom --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 8"
+        --forget "--forget-random 300" --methods finetune,scrub --models 32 --ckpt-dir ckpt/klom
+
 Every model of probe and relearn must share dataset, split, architecture and forget set (evaluate.py's checks);
 the references must be Retrains of the originals' recipe. Rows: the references first, then the models in the
 order given.
@@ -47,10 +60,13 @@ def main():
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="audit", required=True, parser_class=common.ArgumentParser)
     subcommands = (("probe", "linear-probe leakage"), ("relearn", "relearning speed"),
-                   ("lira", "per-example membership against shadow models (U-LiRA, challenge score)"))
+                   ("lira", "per-example membership against shadow models (U-LiRA, challenge score)"),
+                   ("rmia", "per-example membership against shadow models (offline RMIA, beside U-LiRA)"),
+                   ("klom", "per-example distance of a method's output distribution from Retrain's (KLOM)"))
+    populations = ("lira", "rmia", "klom")
     for name, what in subcommands:
         p = sub.add_parser(name, help=what, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name != "lira":
+        if name not in populations:
             p.add_argument("checkpoints", nargs="+", help="checkpoints to audit (.safetensors with sidecars)")
             p.add_argument("--retrain", required=True, help="the Retrain of the same forget set and recipe")
             p.add_argument("--floor", nargs="+", default=[], metavar="RETRAIN", help="Retrains of other seeds")
@@ -72,26 +88,33 @@ def main():
                            help="(default: %(default)s)")
             p.add_argument("--threshold", type=common.unit_fraction, default=common.THRESHOLD,
                            help="share of the original's held-out forgotten accuracy (default: %(default)s)")
-        if name == "lira":
+        if name in populations:
             p.add_argument("--pretrain", required=True, type=shlex.split,
-                           help="pretrain.py's flags for every shadow (dataset, arch, recipe), one quoted string")
+                           help="pretrain.py's flags for every model (dataset, arch, recipe), one quoted string")
             p.add_argument("--methods", required=True, help="comma-separated reproduce.py method names")
             p.add_argument("--method-flags", action="append", default=[], metavar="NAME=FLAGS",
                            help="extra flags of one method, e.g. \"scrub=--lr 0.005\" (repeatable)")
+            p.add_argument("--ckpt-dir", required=True, help="where the population's checkpoints go (resumable)")
+            p.add_argument("--plot", default=None, help="write the plot (PNG) here")
+            common.add_executor_args(p)
+        if name == "klom":
+            p.add_argument("--forget", required=True, type=shlex.split,
+                           help="the forget set's flags, one quoted string: \"--forget-class 3\" or "
+                                "\"--forget-random 300 --forget-seed 0\"")
+            p.add_argument("--models", type=common.positive_int, default=common.KLOM_MODELS,
+                           help="models per population; the Retrains are twice as many (default: %(default)s)")
+        if name in ("lira", "rmia"):
             p.add_argument("--shadows", type=common.positive_int, default=common.SHADOWS,
                            help="N, even (default: %(default)s)")
             p.add_argument("--pool", type=common.positive_int, default=common.POOL,
                            help="target images (default: %(default)s)")
             p.add_argument("--pool-seed", type=common.non_negative_int, default=0,
                            help="--forget-seed that draws the pool (default: %(default)s)")
-            p.add_argument("--ckpt-dir", required=True, help="where the shadow checkpoints go (resumable)")
             p.add_argument("--bootstrap", type=common.positive_int, default=common.BOOTSTRAP,
                            help="resamples of the target images (default: %(default)s)")
-            p.add_argument("--plot", default=None, help="write the ROC plot (PNG) here")
-            common.add_executor_args(p)
     args = parser.parse_args()
-    if args.audit == "lira":
-        return main_lira(args)
+    if args.audit in populations:
+        return main_population(args)
     outputs = common.check_output_files((args.json, args.md), args.overwrite)
     extra = dict(relearn_forget=args.relearn_forget, relearn_retain=args.relearn_retain,
                  relearn_steps=args.relearn_steps, lr=args.lr, batch_size=args.batch_size,
@@ -111,7 +134,8 @@ def main():
         print("wrote " + ", ".join(map(str, outputs)))
 
 
-def main_lira(args) -> None:
+def main_population(args) -> None:
+    """lira, rmia and klom: train (or resume) a population of models through the scripts, then score it."""
     names, extra = args.methods.split(","), {}
     for item in args.method_flags:
         name, sep, value = item.partition("=")
@@ -120,13 +144,20 @@ def main_lira(args) -> None:
         extra[name] = shlex.split(value)
     methods = common.method_commands(names, extra)
     outputs = common.check_output_files((args.json, args.md, args.plot), args.overwrite)
-    common.print_config("audit lira", vars(args))
+    common.print_config(f"audit {args.audit}", vars(args))
     executor = common.executor_from_args(args)
-    result = common.lira(args.pretrain, methods, shadows=args.shadows, pool=args.pool, pool_seed=args.pool_seed,
-                  ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, device=args.device, bootstrap=args.bootstrap,
-                  seed=args.seed, executor=executor)
-    print(common.write_lira(result, pretrain=args.pretrain, methods=methods, md=args.md, json_path=args.json,
-                     plot=args.plot))
+    if args.audit == "klom":
+        result = common.klom_audit(args.pretrain, methods, forget=args.forget, models=args.models,
+                                   ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, device=args.device,
+                                   executor=executor)
+        print(common.write_klom(result, pretrain=args.pretrain, forget=args.forget, methods=methods, md=args.md,
+                                json_path=args.json, plot=args.plot))
+    else:
+        result = common.lira(args.pretrain, methods, shadows=args.shadows, pool=args.pool, pool_seed=args.pool_seed,
+                             ckpt_dir=args.ckpt_dir, data_dir=args.data_dir, device=args.device,
+                             bootstrap=args.bootstrap, seed=args.seed, executor=executor)
+        print(common.write_lira(result, pretrain=args.pretrain, methods=methods, md=args.md, json_path=args.json,
+                                plot=args.plot, audit=args.audit))
     if outputs:
         print("wrote " + ", ".join(map(str, outputs)))
 

@@ -197,26 +197,33 @@ def selection_report(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lira_setup(lira: dict, root: Path) -> tuple[dict, Path]:
-    """An audit profile's U-LiRA methods (name -> command) and its shadows' checkpoint folder."""
-    methods = common.method_commands(lira["methods"], lira["method_flags"])
-    return methods, root / "ckpt" / ("lira_" + "_".join(a.removeprefix("--") for a in lira["pretrain"]
-                                                       if a not in ("--dataset", "--arch")))
+def population_setup(kind: str, spec: dict, root: Path) -> tuple[dict, Path]:
+    """An audit profile's population (kind "lira" or "klom"): its methods (name -> command) and checkpoint folder."""
+    methods = common.method_commands(spec["methods"], spec["method_flags"])
+    flags = [*spec["pretrain"], *spec.get("forget", [])]
+    return methods, root / "ckpt" / (f"{kind}_" + "_".join(str(a).removeprefix("--") for a in flags
+                                                         if a not in ("--dataset", "--arch")))
 
 
 def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: str, *,
                       executor: common.Executor | None = None, dry_run: bool = False) -> list[Path]:
-    """probe and relearn on every model of the audited profiles, then U-LiRA; returns the files written."""
+    """probe and relearn on every model of the audited profiles, then U-LiRA and RMIA on a shadow population and
+    KLOM on populations of its own; returns the files written."""
     out_dir, written = root / name, []
     relearn_settings = spec.get("relearn_settings", {})  # common.audit's keywords; its defaults otherwise
     relearn_steps = relearn_settings.get("relearn_steps", common.RELEARN_STEPS)
     if dry_run:
+        runs = []
         if spec["lira"]:
-            methods, ckpt = lira_setup(spec["lira"], root)
-            runs, _ = common.shadow_runs(spec["lira"]["pretrain"], methods, shadows=spec["lira"]["shadows"],
-                                        pool=spec["lira"]["pool"], pool_seed=0, ckpt_dir=ckpt)
-            executor = executor or common.Executor()
-            print("\n".join(common.command_line(r, executor, data_dir=data_dir, device=device) for r in runs))
+            methods, ckpt = population_setup("lira", spec["lira"], root)
+            runs += common.shadow_runs(spec["lira"]["pretrain"], methods, shadows=spec["lira"]["shadows"],
+                                       pool=spec["lira"]["pool"], pool_seed=0, ckpt_dir=ckpt)[0]
+        if spec.get("klom"):
+            methods, ckpt = population_setup("klom", spec["klom"], root)
+            runs += common.klom_runs(spec["klom"]["pretrain"], methods, forget=spec["klom"]["forget"],
+                                     models=spec["klom"]["models"], ckpt_dir=ckpt)[0]
+        executor = executor or common.Executor()
+        print("\n".join(common.command_line(r, executor, data_dir=data_dir, device=device) for r in runs))
         print(f"then probe {spec['probe']} and relearn {spec['relearn']} on every seed-{spec['seeds']} model of "
               f"{', '.join(spec['of'])} (their results.csv)")
         return []
@@ -240,12 +247,21 @@ def run_audit_profile(name: str, spec: dict, root: Path, data_dir: str, device: 
             common.relearn_plot(rows, written[-1])
     if spec["lira"]:
         lira = spec["lira"]
-        methods, ckpt = lira_setup(lira, root)
+        methods, ckpt = population_setup("lira", lira, root)
         result = common.lira(lira["pretrain"], methods, shadows=lira["shadows"], pool=lira["pool"], ckpt_dir=ckpt,
                             data_dir=data_dir, device=device, executor=executor)
-        written += [out_dir / "lira.md", out_dir / "lira.json", out_dir / "lira_roc.png"]
-        common.write_lira(result, pretrain=lira["pretrain"], methods=methods, md=written[-3], json_path=written[-2],
-                         plot=written[-1])
+        for audit in ("lira", "rmia"):  # one population, two attacks
+            written += [out_dir / f"{audit}.md", out_dir / f"{audit}.json", out_dir / f"{audit}_roc.png"]
+            common.write_lira(result, pretrain=lira["pretrain"], methods=methods, md=written[-3],
+                              json_path=written[-2], plot=written[-1], audit=audit)
+    if spec.get("klom"):
+        klom = spec["klom"]
+        methods, ckpt = population_setup("klom", klom, root)
+        result = common.klom_audit(klom["pretrain"], methods, forget=klom["forget"], models=klom["models"],
+                                   ckpt_dir=ckpt, data_dir=data_dir, device=device, executor=executor)
+        written += [out_dir / "klom.md", out_dir / "klom.json", out_dir / "klom.png"]
+        common.write_klom(result, pretrain=klom["pretrain"], forget=klom["forget"], methods=methods, md=written[-3],
+                          json_path=written[-2], plot=written[-1])
     return written
 
 

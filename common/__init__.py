@@ -22,7 +22,8 @@
     rungraph.py     a sweep's runs in dependency order, resumable (a finished run of the same flags is kept)
     results.py      a sweep's results.csv, its summary table and plots
     audits.py       linear-probe and relearning audits (audit.py probe, relearn)
-    shadows.py      U-LiRA and the challenge's forget quality on a shadow population (audit.py lira)
+    shadows.py      U-LiRA, the challenge's forget quality and RMIA on a shadow population (audit.py lira, rmia)
+    klom.py         KLOM on populations of Retrains and of each method's runs (audit.py klom)
 
 A module imports only the modules above it. Scripts call the names re-exported here (common.train_loop);
 a name not re-exported is that module's own. Imports stand at the top of each module, except four libraries
@@ -115,6 +116,11 @@ from .audits import (  # noqa: F401
 )
 from .shadows import (  # noqa: F401
     SHADOWS, POOL, BOOTSTRAP, DELTA, EPSILON_CAP, THRESHOLDS_PER_UNIT, logit_confidence, shadow_runs,
-    lira_scores, roc_summary, lira_attack, example_epsilon, challenge_points, shadow_outputs, lira,
-    lira_markdown, write_lira, roc_plot,
+    lira_scores, RMIA_GAMMA, RMIA_A_GRID, rmia_scores, roc_summary, lira_attack, example_epsilon,
+    challenge_points, shadow_outputs, probability_of_label, lira, lira_markdown, rmia_markdown, write_lira,
+    roc_plot,
+)
+from .klom import (  # noqa: F401
+    KLOM_BINS, KLOM_EPS, KLOM_CLIP, PERCENTILES, KLOM_MODELS, KLOM_SETS, binned_kl, klom, klom_percentiles,
+    klom_runs, population_margins, klom_audit, klom_markdown, write_klom, klom_plot,
 )

@@ -108,7 +108,8 @@ PROFILES = {
 
 
 # Audit profiles: audit.py's probe and relearn on every model of finished profiles (their results.csv; seed and
-# forget settings as listed), and U-LiRA on a shadow population of its own (audit.py lira; None: left out).
+# forget settings as listed), U-LiRA and RMIA on a shadow population of its own (audit.py lira, rmia; None: left
+# out), and KLOM on populations of its own (audit.py klom; absent: left out).
 AUDIT_PROFILES = {
     "cpu-fashion-audit": dict(
         of=["cpu-fashion", "cpu-fashion-sparse", "cpu-fashion-rfa", "cpu-fashion-leading"], seeds=[0],
@@ -120,7 +121,15 @@ AUDIT_PROFILES = {
             methods=["finetune", "loraprune", "ga", "salun", "scrub", "ssd", "neggradplus", "badteacher"],
             method_flags={"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
                           "ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"]},
-            shadows=16, pool=500)),
+            shadows=16, pool=500),
+        klom=dict(  # 16 models per population (the authors use 100; see common.klom.KLOM_MODELS for the floor)
+            pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
+                      "8", "--val-fraction", "0.02"],  # 1,200 held-out images
+            forget=["--forget-random", "300", "--forget-seed", "0"],
+            methods=["finetune", "loraprune", "ga", "salun", "scrub", "ssd", "neggradplus", "badteacher"],
+            method_flags={"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
+                          "ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"]},
+            models=16)),
     "smoke-audit": dict(of=["smoke"], seeds=[0], probe=["class3"], relearn=["class3"], lira=None,
                         relearn_settings=dict(relearn_steps=20, relearn_forget=100, relearn_retain=300)),
 }

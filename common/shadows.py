@@ -1,8 +1,8 @@
-"""Per-example membership on a shadow population (audit.py lira): U-LiRA (Hayes et al. 2024, Sec. 4) and the
+"""Per-example membership on a shadow population (audit.py lira, rmia): U-LiRA (Hayes et al. 2024, Sec. 4), the
 NeurIPS 2023 challenge's forget quality (Triantafillou et al. 2024, Sec. 3; google-deepmind/unlearning_evaluation,
-metric.py). Shadow k of N trains an original on its half of the training split (each image in exactly N/2
-halves), forgets the images of one fixed target pool that its half holds with each method, and is retrained
-without them."""
+metric.py) and offline RMIA (Zarifzadeh et al. 2024; privacytrustlab/ml_privacy_meter, attacks.py). Shadow k of
+N trains an original on its half of the training split (each image in exactly N/2 halves), forgets the images of
+one fixed target pool that its half holds with each method, and is retrained without them."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,13 @@ EPSILON_CAP = 50.0
 
 
 THRESHOLDS_PER_UNIT = 100
+
+
+# Offline RMIA (privacytrustlab/ml_privacy_meter, attacks.py): gamma 1; a is tuned per target on a paired model
+RMIA_GAMMA = 1.0
+
+
+RMIA_A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -95,6 +102,40 @@ def lira_scores(confidence: np.ndarray, members: np.ndarray) -> np.ndarray:
             log_densities.append(-0.5 * ((confidence[k] - mean) / std) ** 2 - np.log(std))
         scores[k] = log_densities[0] - log_densities[1]
     return scores
+
+
+def _rmia_one(k: int, probability: np.ndarray, members: np.ndarray, population: np.ndarray, a: float) -> np.ndarray:
+    """Offline RMIA's scores of shadow k's model on every target image; references: all other shadows but k's pair."""
+    pair = k ^ 1
+    refs = [j for j in range(len(probability)) if j not in (k, pair)]
+    # Pr(x) from the references that never saw x (offline), scaled towards what in-models would add (a)
+    mean_out_x = np.nanmean(np.where(members[refs], np.nan, probability[refs]), 0)
+    ratio_x = probability[k] / ((1 + a) / 2 * mean_out_x + (1 - a) / 2)
+    ratio_z = population[k] / ((1 + a) / 2 * population[refs].mean(0) + (1 - a) / 2)  # no model saw any z
+    # the share of population images z with ratio_x / ratio_z > gamma
+    return np.searchsorted(np.sort(ratio_z * RMIA_GAMMA), ratio_x, side="left") / len(ratio_z)
+
+
+def rmia_scores(probability: np.ndarray, members: np.ndarray, population: np.ndarray) -> tuple[np.ndarray, list]:
+    """Offline RMIA per (shadow, target image), higher = "was learned", and the a chosen for each shadow.
+
+    probability [N, n]: each shadow's model's softmax probability of the true label on the target images;
+    members [N, n] as for lira_scores; population [N, m]: the same on images no shadow trained on (the test split),
+    the z of the test. Score = the share of z with [Pr(x|model) / Pr(x)] / [Pr(z|model) / Pr(z)] > gamma, Pr(.)
+    averaged over the reference models: all shadows but the target and its pair (k xor 1); for x only those that
+    never saw it, Pr(x) = (1 + a)/2 Pr_out(x) + (1 - a)/2. As upstream (tune_offline_a), a is the value of
+    0, 0.1, .., 1 with the highest AUC on the paired shadow (attacked with the same references less itself and
+    the target); upstream averages one reference model by default, we average all of them."""
+    from sklearn.metrics import roc_auc_score
+    scores, chosen = np.empty_like(probability), []
+    for k in range(len(probability)):
+        pair = k ^ 1
+        aucs = [roc_auc_score(members[pair], _rmia_one(pair, probability, members, population, a))
+                for a in RMIA_A_GRID]
+        a = RMIA_A_GRID[int(np.argmax(aucs))]
+        chosen.append(a)
+        scores[k] = _rmia_one(k, probability, members, population, a)
+    return scores, chosen
 
 
 def roc_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
@@ -168,10 +209,10 @@ def challenge_points(epsilons: np.ndarray, n_models: int) -> np.ndarray:
 
 
 def shadow_outputs(paths: list[Path], shadow_data: list[Data], pool: tuple, test: tuple,
-                   device) -> tuple[np.ndarray, tuple[float, float]]:
-    """Per shadow model, its logit-scaled confidence on each pool image [N, n]; and (RA, TA) averaged over them:
-    accuracy on each shadow's own retain set and on the test set."""
-    confidence, ra, ta = [], [], []
+                   device) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Per shadow model, its logit-scaled confidence on each pool image [N, n] and on each test image [N, m]; and
+    (RA, TA) averaged over them: accuracy on each shadow's own retain set and on the test set."""
+    confidence, population, ra, ta = [], [], [], []
     for path, data in zip(paths, shadow_data):
         model, meta = load_checkpoint(path, device)
         input_size = ARCHS[meta["arch"]].input_size
@@ -179,16 +220,24 @@ def shadow_outputs(paths: list[Path], shadow_data: list[Data], pool: tuple, test
                                            pool[1].cpu()))
         x_retain, y_retain = data.subset("retain")
         ra.append(accuracy(predict(model, x_retain, data.info, input_size), y_retain))
-        ta.append(accuracy(predict(model, test[0], data.info, input_size), test[1]))
-    return np.stack(confidence), (float(np.mean(ra)), float(np.mean(ta)))
+        test_logits = predict(model, test[0], data.info, input_size, fp32=True)
+        population.append(logit_confidence(test_logits, test[1].cpu()))
+        ta.append(accuracy(test_logits, test[1]))
+    return np.stack(confidence), np.stack(population), (float(np.mean(ra)), float(np.mean(ta)))
+
+
+def probability_of_label(confidence: np.ndarray) -> np.ndarray:
+    """The softmax probability of the true label, from the logit-scaled confidence log(p / (1 - p))."""
+    return np.exp(-np.logaddexp(0, -confidence))  # 1 / (1 + e^-c), without overflow for very negative c
 
 
 def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = SHADOWS, pool: int = POOL,
          pool_seed: int = 0, ckpt_dir: str | Path, data_dir: str = "./data", device: str = "auto",
          bootstrap: int = BOOTSTRAP, seed: int = 0, executor=None) -> dict:
     """Train (or resume) the shadow population (on executor, an Executor; default serial) and score every
-    method, the original (ceiling) and Retrain against itself (floor). Returns {rows, roc, ...} (roc: per model its
-    ROC curve's points, for the plot)."""
+    method, the original (ceiling) and Retrain against itself (floor) with U-LiRA, the challenge's forget quality
+    and offline RMIA. Returns {rows, roc, rmia_roc, ...} (roc, rmia_roc: per model the attack's ROC curve's
+    points, for the plot)."""
     from sklearn.metrics import roc_curve
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -203,11 +252,11 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
     shadow_data = [data_from_spec(read_sidecar(path)["data"], data_dir, device)
                    for path in models["retrain"]]
     members = np.stack([torch.isin(pool_data.forget, data.forget).cpu().numpy() for data in shadow_data])
-    confidence, utility = {}, {}
+    confidence, population, utility = {}, {}, {}
     for name, paths in models.items():
-        confidence[name], utility[name] = shadow_outputs(paths, shadow_data, pool_data.subset("forget"),
-                                                         pool_data.subset("test"), device)
-    rows, roc = [], {}
+        confidence[name], population[name], utility[name] = shadow_outputs(
+            paths, shadow_data, pool_data.subset("forget"), pool_data.subset("test"), device)
+    rows, roc, rmia_roc = [], {}, {}
     n_models = shadows // 2
     for name in ("retrain", "original", *methods):
         scores = lira_scores(confidence[name], members)
@@ -222,21 +271,30 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
         row.update(forget_quality=quality, forget_quality_std=float(points.std() / math.sqrt(len(points))),
                    challenge_score=quality * (ra_u / ra_r) * (ta_u / ta_r),
                    median_epsilon=float(np.median(epsilons)), RA=ra_u, TA=ta_u)
+        rmia, chosen_a = rmia_scores(probability_of_label(confidence[name]), members,
+                                     probability_of_label(population[name]))
+        row.update({f"rmia_{key}": value for key, value in
+                    lira_attack(rmia, members, bootstrap=bootstrap, seed=seed).items()}, rmia_a=chosen_a)
         rows.append(row)
         fpr, tpr, _ = roc_curve(members.ravel(), scores.ravel())
         roc[name] = dict(fpr=fpr.tolist(), tpr=tpr.tolist())
-    return dict(rows=rows, roc=roc, shadows=shadows, pool=pool, models_per_world=n_models)
+        fpr, tpr, _ = roc_curve(members.ravel(), rmia.ravel())
+        rmia_roc[name] = dict(fpr=fpr.tolist(), tpr=tpr.tolist())
+    return dict(rows=rows, roc=roc, rmia_roc=rmia_roc, shadows=shadows, pool=pool, models_per_world=n_models,
+                population=population["retrain"].shape[1])
+
+
+def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    return f"{row[key] * scale:.{digits}f} ± {row[key + '_std'] * scale:.{digits}f}"
 
 
 def lira_markdown(result: dict) -> str:
     """U-LiRA's and the challenge's table: mean (± sd over resamples of the target images); directions stated."""
-    def pm(row, key, scale=1.0, digits=3):
-        return f"{row[key] * scale:.{digits}f} ± {row[key + '_std'] * scale:.{digits}f}"
     lines = ["| model | U-LiRA AUC (0.5 = as Retrain) ↓ | TPR @ 1% FPR (%) ↓ | TPR @ 0.1% FPR (%) ↓ | "
              "challenge forget quality ↑ | challenge score ↑ | median eps ↓ | RA | TA |", "|" + "---|" * 9]
-    lines += [f"| {r['model']} | {pm(r, 'auc')} | {pm(r, 'tpr_at_1pct', 100, 2)} | {pm(r, 'tpr_at_01pct', 100, 2)} | "
-              f"{pm(r, 'forget_quality')} | {r['challenge_score']:.3f} | {r['median_epsilon']:.2f} | {r['RA']:.2f} | "
-              f"{r['TA']:.2f} |" for r in result["rows"]]
+    lines += [f"| {r['model']} | {_pm(r, 'auc')} | {_pm(r, 'tpr_at_1pct', 100, 2)} | "
+              f"{_pm(r, 'tpr_at_01pct', 100, 2)} | {_pm(r, 'forget_quality')} | {r['challenge_score']:.3f} | "
+              f"{r['median_epsilon']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} |" for r in result["rows"]]
     k = result["models_per_world"]
     legend = (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
               f"{k} shadows and never seen by {k}. U-LiRA: can a method's model tell an image it forgot from one it "
@@ -250,34 +308,56 @@ def lira_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + legend
 
 
+def rmia_markdown(result: dict) -> str:
+    """Offline RMIA's table beside U-LiRA's AUC and TPR for the same models; directions stated."""
+    lines = ["| model | RMIA AUC (0.5 = as Retrain) ↓ | RMIA TPR @ 1% FPR (%) ↓ | RMIA TPR @ 0.1% FPR (%) ↓ | "
+             "U-LiRA AUC ↓ | U-LiRA TPR @ 1% FPR (%) ↓ | a (per shadow) |", "|" + "---|" * 7]
+    lines += [f"| {r['model']} | {_pm(r, 'rmia_auc')} | {_pm(r, 'rmia_tpr_at_1pct', 100, 2)} | "
+              f"{_pm(r, 'rmia_tpr_at_01pct', 100, 2)} | {_pm(r, 'auc')} | {_pm(r, 'tpr_at_1pct', 100, 2)} | "
+              f"{min(r['rmia_a'])}-{max(r['rmia_a'])} |" for r in result["rows"]]
+    k = result["models_per_world"]
+    legend = (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
+              f"{k} shadows and never seen by {k}; population z: the {result['population']} test images. Offline "
+              "RMIA asks of each method's model U-LiRA's question (forgotten, or never seen?) with a likelihood ratio "
+              "against population images, its references the other shadows' models of the same method (all but "
+              "the target's pair, which tunes a). ↓ = less told apart; retrain is the floor this population allows, "
+              "original the ceiling. ± = sd over bootstrap resamples of the target images.")
+    return "\n".join(lines) + "\n\n" + legend
+
+
 def write_lira(result: dict, *, pretrain: list[str], methods: dict[str, list[str]], md: str | Path | None = None,
-               json_path: str | Path | None = None, plot: str | Path | None = None) -> str:
-    """lira's report (returned), and on request its markdown, its JSON (rows, ROC curves, settings) and ROC plot."""
-    report = f"lira: {' '.join(pretrain)}\n\n{lira_markdown(result)}\n"
+               json_path: str | Path | None = None, plot: str | Path | None = None, audit: str = "lira") -> str:
+    """The report of audit.py lira or rmia on a shadow population (returned), and on request its markdown, its
+    JSON (rows, both attacks' ROC curves, settings) and the audit's ROC plot."""
+    table = rmia_markdown(result) if audit == "rmia" else lira_markdown(result)
+    report = f"{audit}: {' '.join(pretrain)}\n\n{table}\n"
     if json_path:
         # One line: the ROC curves hold a point per threshold, thousands per model.
-        write_text(Path(json_path), json.dumps(dict(audit="lira", pretrain=pretrain, methods=methods,
+        write_text(Path(json_path), json.dumps(dict(audit=audit, pretrain=pretrain, methods=methods,
                                                              **result)))
     if md:
         write_text(Path(md), report)
     if plot:
-        roc_plot(result, Path(plot))
+        roc_plot(result, Path(plot), audit=audit)
     return report
 
 
-def roc_plot(result: dict, path: Path) -> None:
-    """The lira_attack's ROC curve per model, both axes logarithmic (the low-FPR regime is what matters)."""
+def roc_plot(result: dict, path: Path, *, audit: str = "lira") -> None:
+    """The attack's ROC curve per model (U-LiRA's, or RMIA's with audit="rmia"), both axes logarithmic (the low-FPR
+    regime is what matters)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    for i, (name, curve) in enumerate(result["roc"].items()):
+    curves = result["rmia_roc" if audit == "rmia" else "roc"]
+    for i, (name, curve) in enumerate(curves.items()):
         style = dict(color="black", linestyle="--") if name == "retrain" else \
             dict(color="grey", linestyle=":") if name == "original" else dict(color=plt.get_cmap("tab20")(i))
         ax.plot(curve["fpr"], curve["tpr"], label=name, **style)
     ax.plot([1e-4, 1], [1e-4, 1], color="lightgrey", linewidth=0.8)
     ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1), xlabel="false positive rate",
-           ylabel="true positive rate", title=f"U-LiRA, {result['shadows']} shadows: unlearned vs never seen")
+           ylabel="true positive rate",
+           title=f"{'RMIA' if audit == 'rmia' else 'U-LiRA'}, {result['shadows']} shadows: unlearned vs never seen")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
