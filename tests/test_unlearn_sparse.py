@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import common
 import iu
-from conftest import run_script
+from conftest import SUBSET, TINY_RESNET, made_once, run_script
 
 # Small but real settings: one pass, few Fisher samples.
 QUICK = {"ga": ["--epochs", "1"], "rl": ["--epochs", "1"], "l1sparse": ["--epochs", "1"],
@@ -30,9 +30,12 @@ def test_omp_reaches_its_sparsity_and_still_classifies(omp):
 
 
 @pytest.mark.slow
-def test_imp_sparsity_after_k_rounds(original, data_dir, tmp_path):
+def test_imp_sparsity_after_k_rounds(workdir, data_dir, tmp_path):
+    # IMP retrains with the original's recipe each round: a one-epoch original keeps the two rounds short.
+    one_epoch = made_once(workdir / "original_1epoch.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--epochs",
+                          "1", "--data-dir", data_dir)
     out = tmp_path / "imp.safetensors"
-    run_script("prune.py", "--model", original, "--rounds", "2", "--rewind-epoch", "0", "--data-dir", data_dir,
+    run_script("prune.py", "--model", one_epoch, "--rounds", "2", "--rewind-epoch", "0", "--data-dir", data_dir,
                "--out", out)
     assert common.read_sidecar(out)["sparsity"] == pytest.approx(1 - 0.8 ** 2, abs=1e-3)
 
