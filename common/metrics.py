@@ -109,13 +109,15 @@ ATTACKS = {  # row key -> (per-sample feature of (logits, labels), attack)
 def membership_attacks(retain: tuple, non_member: tuple, forget: tuple, draws: int) -> dict:
     """Every attack over `draws` draws of the shadow members: mean, std and the values per draw.
 
-    Each argument is (logits, labels). The draws run in parallel processes (the SVC fit is single-threaded)."""
+    Each argument is (logits, labels). The fits run in parallel threads: libsvm's SVC fit, the slow one, is
+    single-threaded and releases the GIL, and threads start at once where worker processes would each import
+    this package (seconds) on every evaluate.py call."""
     from joblib import Parallel, delayed
     features = {key: [feature(*part) for part in (retain, non_member, forget)]
                 for key, (feature, _) in ATTACKS.items()}
     members = [mia_members(len(retain[1]), len(non_member[1]), d) for d in range(draws)]
     jobs = [(key, d) for key in ATTACKS for d in range(draws)]
-    values = Parallel(n_jobs=min(len(jobs), os.cpu_count() or 1))(
+    values = Parallel(n_jobs=min(len(jobs), os.cpu_count() or 1), prefer="threads")(
         delayed(ATTACKS[key][1])(features[key][0][members[d]], features[key][1], features[key][2])
         for key, d in jobs)
     out = {}
