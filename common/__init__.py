@@ -38,7 +38,7 @@ from .locks import (  # noqa: F401
 )
 from .system import (  # noqa: F401
     seed_everything, device_and_generator, torchrun_world_size, init_distributed, pick_device,
-    keep_freed_memory, autocast, prepare_model, peak_memory_mb,
+    keep_freed_memory, autocast, prepare_model, peak_memory_mb, peak_memory_kind,
 )
 from .data import (  # noqa: F401
     DEBIAN_FASHION_MNIST, DatasetInfo, DATASETS, RANDOM_DATASETS, load_dataset, Data, SPLIT_KEYS, split_mismatch,
@@ -101,7 +101,7 @@ from .profiles import (  # noqa: F401
 )
 from .executors import (  # noqa: F401
     Executor, EXECUTORS, make_executor, add_executor_args, executor_from_args, DATA_PARALLEL_SCRIPTS,
-    job_gpus, script_argv, command_line,
+    job_gpus, script_argv, command_line, WARM_IMPORTS, forks_warm,
 )
 from .rungraph import (  # noqa: F401
     stale_reason, PLUMBING_OPTIONS, PLUMBING_FLAGS, inputs_of, redo_reason, run_graph,

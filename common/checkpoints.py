@@ -24,7 +24,7 @@ import timm
 import torchvision
 
 from .errors import UserError
-from .system import prepare_model
+from .system import peak_memory_kind, prepare_model
 from .data import DATASETS, Data
 from .models import ARCHS, count_params, random_model
 from .pruning import plain_state_dict, pruned_modules, restore_masks, sparsity
@@ -104,7 +104,7 @@ def _write_checkpoint(model: nn.Module, path: Path, *, arch: str, method: str, d
                 in_chans=data.info.channels, data=data.spec, config=config, argv=sys.argv[1:],
                 wall_time_s=round(result.wall_time_s, 3) if result else None,
                 peak_mem_mb=round(result.peak_mem_mb, 1) if result else None,
-                peak_mem_kind=("cuda_max_allocated" if next(model.parameters()).is_cuda else "process_max_rss"),
+                peak_mem_kind=peak_memory_kind(next(model.parameters()).device),
                 activation_mb=(round(result.activation_bytes / 2**20, 1)
                                if result and result.activation_bytes is not None else None),
                 trainable_params=trainable_params, total_params=count_params(model)[1],

@@ -13,7 +13,8 @@ from typing import Callable
 from .errors import UserError
 from .outputs import finished, sidecar_path
 from .checkpoints import read_sidecar
-from .executors import Executor, _run_process, _script_error, _slot_envs, _submitit_executor, job_gpus, script_argv
+from .executors import (Executor, _run_process, _script_error, _slot_envs, _submitit_executor, forks_warm, job_gpus,
+                        script_argv)
 
 
 def stale_reason(run: dict) -> str | None:
@@ -84,7 +85,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
             pending.append((run, reason))
     in_process_tree = executor.kind in ("serial", "local")  # else submitit jobs
     if in_process_tree:
-        capacity, envs = executor.workers, _slot_envs(executor, device)
+        capacity, envs, warm = executor.workers, _slot_envs(executor, device), forks_warm(device)
         pool = concurrent.futures.ThreadPoolExecutor(capacity)
     else:
         capacity, clusters = executor.parallelism, {}
@@ -95,7 +96,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
         run["out"].parent.mkdir(parents=True, exist_ok=True)
         argv = script_argv(run, executor, data_dir=data_dir, device=device)
         if in_process_tree:
-            return pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log")
+            return pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log", warm=warm)
         gpus = job_gpus(run, executor)
         if gpus not in clusters:
             clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)

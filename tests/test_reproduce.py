@@ -372,3 +372,28 @@ def test_a_torchrun_process_ends_without_the_interpreters_teardown():
         proc = subprocess.run([sys.executable, "-c", program, how], cwd=ROOT, capture_output=True, text=True,
                               timeout=60, env=dict(os.environ, WORLD_SIZE="2"))
         assert proc.returncode == status and printed in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_warm_fork_trains_what_a_fresh_interpreter_trains_and_fails_as_it_does(data_dir, tmp_path):
+    # The serial and local executors' CPU runs: forks of the warm interpreter (executors.WARM_IMPORTS).
+    args = ["pretrain.py", "--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "300",
+            "--val-fraction", "0.005", "--epochs", "1", "--data-dir", str(data_dir), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sidecars = {}
+    for warm in (False, True):
+        out = tmp_path / f"warm{warm}.safetensors"
+        common.executors._run_process([sys.executable, *args, "--out", str(out)], env, tmp_path / f"{warm}.log",
+                                      warm=warm)
+        sidecars[warm] = common.read_sidecar(out)
+        assert f"-> {out}" in (tmp_path / f"{warm}.log").read_text()  # its output went to its log
+    assert sidecars[True]["weights_sha256"] == sidecars[False]["weights_sha256"]
+    assert sidecars[True]["history"][0]["loss"] == sidecars[False]["history"][0]["loss"]
+    assert (sidecars[False]["peak_mem_kind"], sidecars[True]["peak_mem_kind"]) == ("process_max_rss",
+                                                                                  "forked_process_max_rss")
+    for bad, reason in ((["--epochs", "0"], "not a positive integer"),  # argparse's error
+                        (["--arch", "resnet_huge"], "unknown architecture")):  # run_main's UserError
+        log = tmp_path / "bad.log"
+        with pytest.raises(common.UserError, match=reason) as failure:
+            common.executors._run_process([sys.executable, *args, *bad], env, log, warm=True)
+        assert str(failure.value).endswith(f"(log: {log})") and "Traceback" not in log.read_text()
