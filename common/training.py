@@ -172,11 +172,13 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 
 def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, input_size: int | None,
-                    *, batch_size: int, augment_gen: torch.Generator | None = None):
-    """For each batch of (x, y) in order, the gradient of the batch-mean cross-entropy with respect to each
-    trainable parameter ({name: tensor}), the model in eval mode (BatchNorm on its running statistics), in fp32 on
-    every device: SalUn's mask and SSD's importances rank small gradients, which the authors compute without
-    autocast. augment_gen: augment each batch as in training, drawing from that generator."""
+                    *, batch_size: int, augment_gen: torch.Generator | None = None,
+                    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+    """For each batch of (x, y) in order, the gradient of objective(logits, labels) (default: the batch-mean
+    cross-entropy) with respect to each trainable parameter ({name: tensor}), the model in eval mode (BatchNorm on
+    its running statistics), in fp32 on every device: SalUn's mask and SSD's importances rank small gradients,
+    which the authors compute without autocast. augment_gen: augment each batch as in training, drawing from that
+    generator."""
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     device = next(model.parameters()).device
@@ -184,7 +186,7 @@ def batch_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: Da
         if augment_gen is not None:
             xb = augment(xb, info, augment_gen)
         with torch.autocast(device.type, enabled=False):
-            loss = F.cross_entropy(model(normalize(xb, info, input_size)).float(), yb)
+            loss = objective(model(normalize(xb, info, input_size)).float(), yb)
             grads = torch.autograd.grad(loss, list(params.values()))
         yield dict(zip(params, grads))
 

@@ -16,7 +16,7 @@ import common
 SCRIPTS = ["finetune", "pruneft", "lora", "loraprune", "ga", "rl", "l1sparse", "ff", "iu", "rfa", "salun", "scrub",
            "ssd", "neggradplus", "badteacher"]
 # Upstream constants that are deliberately not flags (Golatkar et al.'s clamps and scales in ff.py).
-NOT_FLAGS = {"METHOD", "MAX_VAR", "MAX_VAR_HEAD", "SCALE_HEAD_AND_1D", "FORGET_ROW_VAR"}
+NOT_FLAGS = {"METHOD", "LOSS_FREE_METHOD", "MAX_VAR", "MAX_VAR_HEAD", "SCALE_HEAD_AND_1D", "FORGET_ROW_VAR"}
 
 
 def _main(script: str, argv: list, monkeypatch):
