@@ -159,7 +159,7 @@ def klom_markdown(result: dict) -> str:
     """KLOM's table: per set, the median, 95th and 99th percentile over its images (lower = closer to Retrain)."""
     sets = dict(forget="Df", retain="Dr", val="val")
     head = " | ".join(f"{label} KLOM p{q} ↓" for label in sets.values() for q in PERCENTILES)
-    lines = [f"| model | {head} | UA (Df acc) | RA | val acc | TA |", "|" + "---|" * (2 + 3 * len(sets) + 3)]
+    lines = [f"| model | {head} | UA | RA | val acc | TA |", "|" + "---|" * (2 + 3 * len(sets) + 3)]
     for r in result["rows"]:
         cells = " | ".join(f"{r[f'{s}_p{q}']:.3f}" for s in sets for q in PERCENTILES)
         lines.append(f"| {r['model']} | {cells} | {100 - r['forget_acc']:.2f} | {r['retain_acc']:.2f} | "

@@ -288,6 +288,12 @@ def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     return f"{row[key] * scale:.{digits}f} ± {row[key + '_std'] * scale:.{digits}f}"
 
 
+def _population(result: dict) -> str:
+    k = result["models_per_world"]
+    return (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
+            f"{k} shadows and never seen by {k}")
+
+
 def lira_markdown(result: dict) -> str:
     """U-LiRA's and the challenge's table: mean (± sd over resamples of the target images); directions stated."""
     lines = ["| model | U-LiRA AUC (0.5 = as Retrain) ↓ | TPR @ 1% FPR (%) ↓ | TPR @ 0.1% FPR (%) ↓ | "
@@ -296,8 +302,7 @@ def lira_markdown(result: dict) -> str:
               f"{_pm(r, 'tpr_at_01pct', 100, 2)} | {_pm(r, 'forget_quality')} | {r['challenge_score']:.3f} | "
               f"{r['median_epsilon']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} |" for r in result["rows"]]
     k = result["models_per_world"]
-    legend = (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
-              f"{k} shadows and never seen by {k}. U-LiRA: can a method's model tell an image it forgot from one it "
+    legend = (f"{_population(result)}. U-LiRA: can a method's model tell an image it forgot from one it "
               "never saw? ↓ = less; retrain (exact unlearning) is the floor this many shadows allow (0.5 up to "
               "sampling error), original (no unlearning) the ceiling. ± = sd over bootstrap resamples of the target "
               f"images. Challenge forget quality: per forgotten image, {k} of the method's models against {k} "
@@ -315,9 +320,7 @@ def rmia_markdown(result: dict) -> str:
     lines += [f"| {r['model']} | {_pm(r, 'rmia_auc')} | {_pm(r, 'rmia_tpr_at_1pct', 100, 2)} | "
               f"{_pm(r, 'rmia_tpr_at_01pct', 100, 2)} | {_pm(r, 'auc')} | {_pm(r, 'tpr_at_1pct', 100, 2)} | "
               f"{min(r['rmia_a'])}-{max(r['rmia_a'])} |" for r in result["rows"]]
-    k = result["models_per_world"]
-    legend = (f"{result['shadows']} shadow models, {result['pool']} target images, each learned (then unlearned) by "
-              f"{k} shadows and never seen by {k}; population z: the {result['population']} test images. Offline "
+    legend = (f"{_population(result)}; population z: the {result['population']} test images. Offline "
               "RMIA asks of each method's model U-LiRA's question (forgotten, or never seen?) with a likelihood ratio "
               "against population images, its references the other shadows' models of the same method (all but "
               "the target's pair, which tunes a). ↓ = less told apart; retrain is the floor this population allows, "
