@@ -34,6 +34,16 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+# The files whose tests run for minutes (sweeps, shadow populations, torchrun), collected first: under pytest-xdist
+# they start early, and the short tests fill both workers at the end instead of one worker finishing a sweep alone.
+LONGEST_FIRST = ("test_reproduce.py", "test_audit.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def run_script(script: str, *args, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
     """Run one of the project's scripts with this command line: its exit status, standard output and error. In this
     process by default (main() through common.run_main, as the script's entry point calls it, with the global state
