@@ -41,8 +41,11 @@ one forget set; per image of Df, Dr and the validation split, the KL divergence 
 margin over the reference Retrains (seeds --models and up) and over each population, as percentiles. The other
 half of the Retrains is the floor ("retrain-floor"), the originals the ceiling.
 
-    python audit.py klom --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 8"
-        --forget "--forget-random 300" --methods finetune,scrub --models 32 --ckpt-dir ckpt/klom
+    python audit.py klom --pretrain "--dataset fashion-mnist --arch resnet_tiny --train-subset 4000 --epochs 30
+        --augment false" --forget "--forget-random 300" --methods finetune,scrub --models 32 --ckpt-dir ckpt/klom
+
+The originals must have learned Df better than held-out data (a memorising recipe, as here): an 8-epoch recipe
+left the original within the Retrain floor, so KLOM had nothing to measure (RESULTS.md).
 
 Every model of probe and relearn must share dataset, split, architecture and forget set (evaluate.py's checks);
 the references must be Retrains of the originals' recipe. Rows: the references first, then the models in the
