@@ -89,7 +89,7 @@ def main():
         model, optimizer, args.epochs, common.shuffled_batches(images, is_forget, args.batch_size, gen),
         teacher_targets_loss(competent, incompetent, data.info, arch.input_size, temperature=args.temperature,
                              augment=args.augment, gen=gen),
-        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
 
     model = common.merge_lora(model) if args.lora else model
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

@@ -170,20 +170,20 @@ def run_method(method: str, original: Path, out: Path, device: torch.device, *fl
 
 
 def method_cost(arch: str, method: str, batch_size: int, device: torch.device, steps: int, folder: Path, *,
-                compile_model: bool = False, in_process: bool) -> dict:
+                compile_mode: str | None = None, in_process: bool) -> dict:
     """The cost of one method's script: two epochs of at least `steps` batches each over Dr; the first holds the
-    warm-up (and torch.compile's compilation, with compile_model), the second is timed (its images per second
+    warm-up (and torch.compile's compilation, with compile_mode), the second is timed (its images per second
     times the batch: the step a full batch takes). in_process: as run_method."""
     # Dr is about 9/10 of the images (random labels, class 3 forgotten): 15% more than `steps` batches need.
     original = random_original(arch, folder, images=math.ceil(steps * batch_size / 0.85))
     out = folder / f"{len(list(folder.glob('*.json')))}_{method}.safetensors"
     meta = run_method(method, original, out, device, "--epochs", 2, "--batch-size", batch_size,
-                      *(["--compile"] if compile_model else []), in_process=in_process)
+                      *(["--compile", compile_mode] if compile_mode else []), in_process=in_process)
     first, second = meta["history"]
     retain_images = meta["data"]["train_subset"] - meta["data"]["forget_count"]
     step_s = (second["time_s"] - first["time_s"]) * batch_size / retain_images
     return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
-                precision=precision(device, compile_model), timed_steps=math.ceil(retain_images / batch_size),
+                precision=precision(device, compile_mode), timed_steps=math.ceil(retain_images / batch_size),
                 step_s=round(step_s, 4), activation_mb=meta["activation_mb"],
                 epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(meta["prep_time_s"], 2),
                 peak_mem_mb=round(meta["peak_mem_mb"]), trainable_params=meta["trainable_params"],
@@ -197,15 +197,15 @@ def compared_methods(arch: str) -> list[str]:
     return [m for m in METHODS if m != "finetune" and (m != "lora-dropout0" or dropout)]
 
 
-def method_costs(archs: list[str], batch_sizes: list[int], variants: list[bool], device: torch.device,
+def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str | None], device: torch.device,
                  steps: int, folder: Path, *, in_process: bool) -> list[dict]:
-    """Part 2: method_cost of every configuration (variants: compiled or not). Per arch, batch and variant, FT
-    runs first and again after every method; each method row carries the mean FT step of the runs just before
-    and after it (ft_step_s), and FT's row the median of all its runs and their range (ft_range_s)."""
+    """Part 2: method_cost of every configuration (variants: None for eager, or a --compile mode). Per arch, batch
+    and variant, FT runs first and again after every method; each method row carries the mean FT step of the runs
+    just before and after it (ft_step_s), and FT's row the median of all its runs and their range (ft_range_s)."""
     rows = []
-    for arch, batch_size, compile_model in itertools.product(archs, batch_sizes, variants):
+    for arch, batch_size, compile_mode in itertools.product(archs, batch_sizes, variants):
         def measure(method: str) -> dict:
-            row = method_cost(arch, method, batch_size, device, steps, folder, compile_model=compile_model,
+            row = method_cost(arch, method, batch_size, device, steps, folder, compile_mode=compile_mode,
                               in_process=in_process)
             print(json.dumps(dict(part="method_cost", **row)), flush=True)
             return row
@@ -287,10 +287,10 @@ def with_ft_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def precision(device: torch.device, compile_model: bool = False) -> str:
+def precision(device: torch.device, compile_mode: str | None = None) -> str:
     """What the training steps ran in (the scripts' defaults: bf16 autocast on CUDA); compiled or not."""
     label = "bf16 autocast, channels_last" if device.type == "cuda" else "fp32, channels_last"
-    return label + (", torch.compile" if compile_model else "")
+    return label + (f", torch.compile ({compile_mode})" if compile_mode else "")
 
 
 def ft_range(row: dict) -> str:
@@ -365,9 +365,9 @@ def main():
     parser.add_argument("--whole-run-methods", default=WHOLE_RUN_METHODS,
                         help="part 4's methods (default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="part 4's Fashion-MNIST root (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure every method with the scripts' --compile (GPU; minutes of compilation "
-                             "each)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=common.COMPILE_MODES,
+                        metavar="MODE", help="also measure every method with the scripts' --compile MODE (GPU; "
+                                             "reduce-overhead: CUDA graphs; minutes of compilation each)")
     args = parser.parse_args()
     common.check_output_files((args.json, args.md), args.overwrite)
     device = common.pick_device(args.device)
@@ -395,7 +395,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:  # the random originals and the runs' checkpoints
         if "cost" in parts:
-            variants = [False] + ([True] if args.compile else [])
+            variants = [None] + ([args.compile] if args.compile else [])
             # On CPU a process per run (its own peak RSS), except in --quick, which checks that it runs (and so
             # runs the CUDA path, main() in this process).
             in_process = device.type == "cuda" or args.quick

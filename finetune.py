@@ -43,7 +43,7 @@ def main():
     loss_fn = common.ce_loss(data.info, input_size, args.augment, gen)
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(model, optimizer, args.epochs, retain_batches, loss_fn, device=device, desc=METHOD,
-                               compile_model=args.compile)
+                               compile_mode=args.compile)
 
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,
                                   config=vars(args), result=result, overwrite=args.overwrite)

@@ -56,7 +56,7 @@ def main():
     result = common.train_loop(model, optimizer, args.epochs,
                                common.shuffled_batches(x_forget, y_forget, args.batch_size, gen),
                                lambda model, batch: -ce(model, batch), device=device, desc=METHOD,
-                               freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+                               freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
 
     model = common.merge_lora(model) if args.lora else model
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

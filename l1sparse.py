@@ -73,7 +73,7 @@ def main():
     result = common.train_loop(model, optimizer, args.epochs,
                                common.shuffled_batches(x_retain, y_retain, args.batch_size, gen), loss_fn,
                                device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn,
-                               compile_model=args.compile)
+                               compile_mode=args.compile)
 
     model = common.merge_lora(model) if args.lora else model
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

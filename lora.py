@@ -52,7 +52,7 @@ def main():
     loss_fn = common.ce_loss(data.info, arch.input_size, args.augment, gen)
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(model, optimizer, args.epochs, retain_batches, loss_fn, device=device, desc=METHOD,
-                               freeze_bn=not args.update_bn, compile_model=args.compile)
+                               freeze_bn=not args.update_bn, compile_mode=args.compile)
 
     # Merge the adapters into the weights: the checkpoint is a plain model of the original architecture.
     model = common.merge_lora(model)

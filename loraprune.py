@@ -70,7 +70,7 @@ def main():
     loss_fn = common.ce_loss(data.info, arch.input_size, args.augment, gen)
     optimizer = common.make_optimizer(args.optimizer, train_model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(train_model, optimizer, args.epochs, retain_batches, loss_fn, device=device,
-                               desc=METHOD, freeze_bn=not args.update_bn, compile_model=args.compile)
+                               desc=METHOD, freeze_bn=not args.update_bn, compile_mode=args.compile)
 
     # 6. Merge the adapters into the weights, masks kept: a plain model exactly as sparse as after pruning
     #    (with --shrink, written back into the pruned model).

@@ -87,7 +87,7 @@ def main():
         lambda epoch: retain_forget_pairs(retain, forget, batch_size=args.batch_size,
                                           forget_batch_size=args.forget_batch_size, gen=gen),
         neggradplus_loss(ce, args.beta),
-        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
 
     model = common.merge_lora(model) if args.lora else model
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

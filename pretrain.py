@@ -119,7 +119,7 @@ def main():
         common.apply_masks(model, mask_of(args.mask_from, args.arch, data))
     model = common.prepare_model(model, device)
     result = common.train_recipe(model, data, device, arch=args.arch, retrain=args.retrain, seed=args.seed,
-                          compile_model=args.compile, desc=method, shard=(rank, world), **common.recipe_of(vars(args)))
+                          compile_mode=args.compile, desc=method, shard=(rank, world), **common.recipe_of(vars(args)))
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:

@@ -86,7 +86,7 @@ def main():
     family = common.ARCHS[recipe["arch"]].family
 
     recipe_settings = dict(arch=recipe["arch"], retrain=recipe["retrain"], seed=recipe["seed"],
-                           compile_model=args.compile, **common.recipe_of(recipe))
+                           compile_mode=args.compile, **common.recipe_of(recipe))
     # The rewind point: the dense run replayed (same seed, init, batch order, schedule) up to --rewind-epoch.
     common.seed_everything(recipe["seed"])
     rewound = common.prepare_model(common.build_model(recipe["arch"], data.info), device)

@@ -60,7 +60,7 @@ def main():
     loss_fn = common.ce_loss(data.info, arch.input_size, args.augment, gen)
     optimizer = common.make_optimizer(args.optimizer, train_model.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(train_model, optimizer, args.epochs, retain_batches, loss_fn, device=device,
-                               desc=METHOD, compile_model=args.compile)
+                               desc=METHOD, compile_mode=args.compile)
     if args.shrink:
         common.expand_pruned(model, train_model, arch.family)
 

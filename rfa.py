@@ -125,7 +125,8 @@ def main():
             teacher_logits = teacher_tap(teacher, x_forget).float()
             teacher_feature = teacher_tap.penultimate.float()
         logits = student_tap(student, x_forget)
-        excluded = F.one_hot(y_forget, num_classes).bool()  # own class (= the forgotten class, class-wise)
+        # own class (= the forgotten class, class-wise); F.one_hot would check the labels' range, a read per step
+        excluded = y_forget[:, None] == torch.arange(num_classes, device=y_forget.device)
         if args.target == "teacher-ce":
             target = teacher_logits.masked_fill(excluded, float("-inf")).argmax(1)
             return F.cross_entropy(logits, target)
@@ -149,7 +150,7 @@ def main():
     optimizer = common.make_optimizer(args.optimizer, student.parameters(), args.lr, args.weight_decay)
     result = common.train_loop(student, optimizer, args.epochs,
                                lambda epoch: zip(forget_pass(epoch), retain_pass(epoch)), loss_fn, device=device,
-                               desc=METHOD, freeze_bn=not args.update_bn, compile_model=args.compile)
+                               desc=METHOD, freeze_bn=not args.update_bn, compile_mode=args.compile)
 
     model = common.merge_lora(student)
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

@@ -69,7 +69,7 @@ def main():
                                                 batch_size=args.batch_size, gen=gen,
                                                 wrong_only=args.wrong_labels_only, mixed=args.mixed_pass),
         common.ce_loss(data.info, arch.input_size, args.augment, gen), device=device, desc=METHOD,
-        freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+        freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
 
     model = common.merge_lora(model) if args.lora else model
     saved = common.save_unlearned(model, out, method=METHOD, original=args.model, original_meta=meta, data=data,

@@ -107,7 +107,7 @@ def main():
         lambda epoch: common.random_label_epoch(forget, retain, num_classes=data.info.num_classes,
                                                 batch_size=args.batch_size, gen=gen),
         common.ce_loss(data.info, arch.input_size, args.augment, gen), device=device, desc=METHOD,
-        freeze_bn=args.lora and not args.update_bn, compile_model=args.compile)
+        freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
     if args.freeze_unmasked:
         result.trainable_params = masked  # the weights the update could change
 

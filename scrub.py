@@ -139,7 +139,7 @@ def main():
                                     forget_batch_size=args.forget_batch_size, batch_size=args.batch_size, gen=gen),
         scrub_loss(teacher, data.info, arch.input_size, temperature=args.temperature, gamma=args.gamma,
                    alpha=args.alpha, augment=args.augment, gen=gen),
-        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_model=args.compile,
+        device=device, desc=METHOD, freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile,
         after_epoch=keep_student if args.rewind else None)
     rewound_to = None
     if args.rewind:

@@ -65,7 +65,7 @@ from .batchnorm import (  # noqa: F401
 )
 from .training import (  # noqa: F401
     saved_activation_bytes, TrainResult, Stopwatch, train_loop, ce_loss, random_labels, random_label_epoch,
-    distill_kl, batch_gradients, predict, accuracy, make_optimizer,
+    distill_kl, batch_gradients, predict, accuracy, make_optimizer, COMPILE_MODES, compiled,
 )
 from .outputs import (  # noqa: F401
     sidecar_path, lock_path, claim_file, release_claim, release_claims, finished, check_output_files,
@@ -101,7 +101,7 @@ from .profiles import (  # noqa: F401
 )
 from .executors import (  # noqa: F401
     Executor, EXECUTORS, make_executor, add_executor_args, executor_from_args, DATA_PARALLEL_SCRIPTS,
-    job_gpus, script_argv, command_line, WARM_IMPORTS, forks_warm,
+    job_gpus, script_argv, command_line, WARM_IMPORTS, forks_warm, compile_cache_env,
 )
 from .rungraph import (  # noqa: F401
     stale_reason, PLUMBING_OPTIONS, PLUMBING_FLAGS, inputs_of, redo_reason, run_graph,

@@ -43,7 +43,7 @@ def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
 
 def train_recipe(model, data: Data, device, *, arch: str, retrain: bool, seed: int, epochs: int,
                  batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str, warmup_steps: int,
-                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_model: bool, desc: str,
+                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_mode: str | None, desc: str,
                  start_epoch: int = 0, stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
     """Train with the recipe on the training split (or Dr with retrain), validating each epoch.
 
@@ -104,7 +104,7 @@ def train_recipe(model, data: Data, device, *, arch: str, retrain: bool, seed: i
         lambda epoch: batches(x_fit, y_fit, batch_size, shuffle=True, gen=gen, drop_last=True,
                                      shard=shard, seen=seen),
         loss_fn, device=device, scheduler=scheduler, grad_clip=grad_clip, after_epoch=after_epoch, desc=desc,
-        compile_model=compile_model)
+        compile_mode=compile_mode)
 
 
 def test_accuracy(model, data: Data, *, arch: str) -> float:

@@ -13,8 +13,8 @@ from typing import Callable
 from .errors import UserError
 from .outputs import finished, sidecar_path
 from .checkpoints import read_sidecar
-from .executors import (Executor, _run_process, _script_error, _slot_envs, _submitit_executor, forks_warm, job_gpus,
-                        script_argv)
+from .executors import (Executor, _run_process, _script_error, _slot_envs, _submitit_executor, compile_cache_env,
+                        forks_warm, job_gpus, script_argv)
 
 
 def stale_reason(run: dict) -> str | None:
@@ -65,7 +65,8 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
     """Execute the runs, each once the runs that write its inputs have finished; a run whose own result exists is
     skipped (redo_reason), so an interrupted sweep resumes with any executor. A failed run's dependants do not
     start; everything else still runs. Returns the outputs of the failed runs for which may_fail(run) holds (tuning
-    candidates: dropped); any other failure raises once nothing more can run, naming the logs."""
+    candidates: dropped); any other failure raises once nothing more can run, naming the logs. The sweep's folder
+    (log_dir's parent) holds the runs' shared torch.compile cache (compile_cache_env)."""
     by_out = {run["out"]: run for run in runs}
     runs = list(by_out.values())
     needs = {run["out"]: [p for p in inputs_of(run) if p in by_out] for run in runs}
@@ -85,7 +86,8 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
             pending.append((run, reason))
     in_process_tree = executor.kind in ("serial", "local")  # else submitit jobs
     if in_process_tree:
-        capacity, envs, warm = executor.workers, _slot_envs(executor, device), forks_warm(device)
+        capacity, warm = executor.workers, forks_warm(device)
+        envs = _slot_envs(executor, device, sweep_dir=log_dir.parent)
         pool = concurrent.futures.ThreadPoolExecutor(capacity)
     else:
         capacity, clusters = executor.parallelism, {}
@@ -102,8 +104,9 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
             clusters[gpus] = _submitit_executor(executor, log_dir / "submitit", gpus)
         import submitit
         # The threads are set in the job: the login node's environment stays there.
+        cache = [f"{k}={v}" for k, v in compile_cache_env(log_dir.parent).items()]
         return clusters[gpus].submit(submitit.helpers.CommandFunction(
-            ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *argv], cwd=os.getcwd(), verbose=True))
+            ["env", f"OMP_NUM_THREADS={executor.job_cpus}", *cache, *argv], cwd=os.getcwd(), verbose=True))
 
     def finish(run: dict, reason: str, handle, began: float) -> None:
         """A run whose handle is done: done, or failed (the sweep goes on without it and its dependants)."""

@@ -1,6 +1,6 @@
 """The one training loop, the losses the methods share, inference and optimizers.
 
-Invariants: train_loop reads a loss's value once per 50 steps and once per epoch, not per step; metrics are
+Invariants: train_loop reads a tensor's value once per epoch, never per step (tests/test_efficiency.py counts); metrics are
 computed from float32 logits (predict(fp32=True)); after_epoch sees validation data only."""
 from __future__ import annotations
 
@@ -76,14 +76,15 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
                after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
-               compile_model: bool = False, measure_activations: bool = True, log: bool = True,
+               compile_mode: str | None = None, measure_activations: bool = True, log: bool = True,
                bf16: bool = True) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
-    validation data only). A non-finite loss stops the run with a UserError. compile_model hands loss_fn a
-    torch.compile'd view of the model (same parameters; the first steps pay the compilation).
-    measure_activations records the first step's saved_activation_bytes (not with compile_model; the sidecar's
+    validation data only). A non-finite loss stops the run with a UserError at the end of its epoch.
+    compile_mode (COMPILE_MODES) hands loss_fn a torch.compile'd view of the model (same parameters; the first
+    steps pay the compilation).
+    measure_activations records the first step's saved_activation_bytes (not with compile_mode; the sidecar's
     activation_mb; counting them leaves the step's numbers as they are). log=False
     keeps the per-epoch JSON lines off the output (for callers whose "epochs" are single steps). bf16=False runs
     CUDA steps in fp32 (bench.py's baseline; CPU steps always are)."""
@@ -92,15 +93,18 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
     history, activation_bytes = [], None
     with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
         # Compiled after the BatchNorm swap, so the graph is the one trained; the caller keeps the plain module.
-        forward_model = torch.compile(model) if compile_model else model
+        forward_model = compiled(model, compile_mode) if compile_mode else model
+        mark_step = compile_mode == "reduce-overhead" and device.type == "cuda"
         for epoch in range(epochs):
             set_train_mode(model, freeze_bn)
             total, steps = torch.zeros((), device=device), 0
             bar = tqdm(epoch_batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=None, dynamic_ncols=True)
             for batch in bar:
+                if mark_step:  # a new iteration: the previous step's graph outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast(device, bf16=bf16):
-                    if measure_activations and not compile_model and activation_bytes is None:
+                    if measure_activations and not compile_mode and activation_bytes is None:
                         loss, activation_bytes = saved_activation_bytes(forward_model, lambda m: loss_fn(m, batch))
                     else:
                         loss = loss_fn(forward_model, batch)
@@ -111,10 +115,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                total += loss.detach().float()
+                total += loss.detach().float()  # read once per epoch: a read per step would wait for the device
                 steps += 1
-                if steps % 50 == 0 and not math.isfinite(float(total)):
-                    break
             mean_loss = float(total) / max(steps, 1)
             if not math.isfinite(mean_loss):
                 raise UserError(f"{desc}: loss became {mean_loss} in epoch {epoch + 1}: the run diverged; "
@@ -127,6 +129,20 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                 tqdm.write(json.dumps(record))
     return clock.result(trainable_params=sum(p.numel() for p in params), history=history,
                         activation_bytes=activation_bytes)
+
+
+# torch.compile's modes: "reduce-overhead" replays each step's kernels as CUDA graphs (one launch instead of
+# hundreds: the step is launch-bound at 32 px, RESULTS.md "On a GPU"); on the CPU every mode compiles the same code.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile'd view of model with static shapes: a run's last partial batch gets a graph of its own (one
+    more compilation per distinct batch size) instead of one graph with a symbolic batch size for every size, so
+    the full batches keep the kernels (and CUDA graphs) specialised to their shape, and no batch is dropped."""
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def ce_loss(info: DatasetInfo, input_size: int | None, augment_batches: bool, gen: torch.Generator | None = None,

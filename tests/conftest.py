@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -160,6 +161,13 @@ def retrain(workdir, data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def original_small(workdir, data_dir) -> Path:
+    """A resnet_tiny that saw 300 images once: for checks of a script's mechanics, not of what it learns."""
+    return made_once(workdir / "original_small.safetensors", "pretrain.py", "--dataset", "fashion-mnist", "--arch",
+                     "resnet_tiny", "--train-subset", "300", "--epochs", "1", "--data-dir", data_dir)
+
+
+@pytest.fixture(scope="session")
 def retrain_seed1(workdir, data_dir) -> Path:
     """A second Retrain for forget class 3 (seed 1): the seed-noise floor."""
     return made_once(workdir / "retrain_class3_s1.safetensors", "pretrain.py", *SUBSET, *TINY_RESNET, "--retrain",
@@ -184,3 +192,68 @@ def omp(original, data_dir, workdir) -> Path:
     """The original pruned to 50% by OMP (global L1 magnitude, rewind to epoch 1, retrain with the mask)."""
     return made_once(workdir / "omp50.safetensors", "prune.py", "--model", original, "--sparsity", "0.5",
                      "--rewind-epoch", "1", "--data-dir", data_dir)
+
+
+aten = torch.ops.aten
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that make the host wait for a tensor's value while the mode is active and not paused:
+    .item(), float(), bool() and int() of a tensor (aten._local_scalar_dense), and results whose shape depends on
+    the values (nonzero, masked_select, boolean indexing). On a GPU each one stalls the queue of kernels."""
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and (func in (aten._local_scalar_dense.default, aten.nonzero.default,
+                                         aten.masked_select.default)
+                                or func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool
+                                                                     for i in args[1])):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def assert_no_read_per_step(runs: list[dict]) -> None:
+    """Each train_loop run (train_loop_reads) took more steps than epochs and read at most once per epoch."""
+    assert runs, "the script trained through common.train_loop"
+    for run in runs:
+        assert run["reads"] <= run["epochs"] < run["steps"], run
+
+
+@pytest.fixture
+def train_loop_reads(monkeypatch):
+    """The list of every common.train_loop run during the test: its epochs, steps and host reads (HostReads) made
+    by the loop, its batches and its loss function. Not counted: after_epoch's validation, and torch's optimizer
+    step, whose step counters live on the host by design (a read there waits for no device). The real
+    train_loop runs."""
+    runs, real_train_loop = [], common.train_loop
+
+    def counted(model, optimizer, epochs, epoch_batches, loss_fn, *, after_epoch=None, **options):
+        reads, run = HostReads(), dict(epochs=epochs, steps=0)
+
+        def counted_loss(model, batch):
+            run["steps"] += 1
+            return loss_fn(model, batch)
+
+        def uncounted_after_epoch(epoch):
+            reads.paused = True
+            try:
+                return after_epoch(epoch)
+            finally:
+                reads.paused = False
+        def pause(*_):
+            reads.paused = True
+
+        def resume(*_):
+            reads.paused = False
+        hooks = [optimizer.register_step_pre_hook(pause), optimizer.register_step_post_hook(resume)]
+        with reads:
+            result = real_train_loop(model, optimizer, epochs, epoch_batches, counted_loss,
+                                     after_epoch=after_epoch and uncounted_after_epoch, **options)
+        for hook in hooks:
+            hook.remove()
+        runs.append(dict(run, reads=reads.count))
+        return result
+    monkeypatch.setattr(common, "train_loop", counted)
+    return runs

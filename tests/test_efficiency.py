@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import HostReads, assert_no_read_per_step, run_script
 
 ARCH_INFO = {"resnet_tiny": common.DATASETS["fashion-mnist"], "vit_tiny": common.DATASETS["cifar10"],
              "resnet18": common.DATASETS["cifar10"], "resnet50": common.DATASETS["cifar10"]}
@@ -286,26 +287,60 @@ def test_dynamo_traces_a_pruned_lora_training_step_as_one_graph(arch):
 
 
 @pytest.mark.slow  # torch.compile takes most of a minute on 2 CPU cores
-def test_compiled_training_equals_eager_and_saves_the_plain_model():
-    """train_loop(compile_model=True) on a pruned LoRA model (the PruneLoRA path, frozen BatchNorm swapped in):
-    the same weights as eager after a few steps, up to inductor's reordering of float sums."""
-    def trained(compile_model):
+def test_compiled_training_equals_eager_with_one_static_graph_per_batch_size():
+    """train_loop(compile_mode="reduce-overhead") on a pruned LoRA model (the PruneLoRA path, frozen BatchNorm
+    swapped in): the same weights as eager after two epochs, up to inductor's reordering of float sums. Batches of
+    16, 16, 7 and 5 (a pass's partial last batch, then a second pass's, as in RL's Df-then-Dr epoch) compile three
+    static graphs in the first epoch and none in the second; a symbolic batch size would have covered 7 and 5 with
+    one graph."""
+    def trained(compile_mode):
         model = _model("resnet_tiny")
         common.prune_model(model, "resnet", "l2-structured", 0.5)
         model = common.add_lora(model, rank=4, alpha=8, dropout=0.0, targets=common.LORA_DEFAULTS["resnet"]["targets"])
         gen = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen))
-                   for _ in range(3)]
+        batches = [(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+                   for n in (16, 16, 7, 5)]
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        common.train_loop(model, optimizer, 1, lambda epoch: batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-                          device=torch.device("cpu"), freeze_bn=True, compile_model=compile_model)
+        common.train_loop(model, optimizer, 2, lambda epoch: batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                          device=torch.device("cpu"), freeze_bn=True, compile_mode=compile_mode)
         return common.plain_state_dict(common.merge_lora(model))
     torch._dynamo.reset()
-    eager, compiled = trained(False), trained(True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the loop did run a compiled graph
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = trained(None), trained("reduce-overhead")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # 16, 7, 5: static, none recompiled
     assert compiled.keys() == eager.keys()  # no torch.compile wrapper prefix reaches the checkpoint
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], atol=1e-4, rtol=1e-3, msg=key)
+
+
+def test_train_loop_reads_the_loss_once_per_epoch_and_never_per_step():
+    """The loop sums the loss on the device and reads it at each epoch's end; the batch order, the augmentation,
+    the scheduler and gradient clipping read nothing. On a GPU, a read per step makes the host wait for each step
+    to finish before it queues the next one's kernels."""
+    info = common.DATASETS["fashion-mnist"]
+    model = _model("resnet_tiny")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (100,), generator=gen)
+    optimizer = common.make_optimizer("sgd", model.parameters(), 0.01)
+    scheduler = common.make_scheduler("cosine", optimizer, 14, 2)
+    reads = HostReads()
+    with reads:
+        result = common.train_loop(model, optimizer, 2, common.shuffled_batches(x, y, 16, gen),
+                                   common.ce_loss(info, None, True, gen), device=torch.device("cpu"),
+                                   scheduler=scheduler, grad_clip=1.0, log=False)
+    assert len(result.history) == 2 and reads.count == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["finetune", "pruneft", "lora", "loraprune"])
+def test_the_prunelora_scripts_read_no_tensor_value_per_training_step(method, train_loop_reads, original_small,
+                                                                      data_dir, tmp_path):
+    """The methods' batches and losses run whole epochs without making the host wait for a value (the loop's own
+    read at each epoch's end is allowed). The other training scripts are checked in their end-to-end tests."""
+    run_script(f"{method}.py", "--model", original_small, "--forget-random", "60", "--epochs", "1", "--batch-size",
+               "32", "--data-dir", data_dir, "--out", tmp_path / f"{method}.safetensors")
+    assert_no_read_per_step(train_loop_reads)
 
 
 def test_batchnorm_reestimation_averages_over_all_images_and_builds_no_graph():

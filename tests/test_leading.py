@@ -11,7 +11,7 @@ import neggradplus
 import salun
 import scrub
 import ssd
-from conftest import run_script
+from conftest import assert_no_read_per_step, run_script
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def _forget(kind, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["class", "random"])
 @pytest.mark.parametrize("method", list(QUICK))
-def test_leading_method_end_to_end_dense(method, kind, original, data_dir, workdir):
+def test_leading_method_end_to_end_dense(method, kind, original, data_dir, workdir, train_loop_reads):
     out = workdir / f"{method}_{kind}_dense.safetensors"
     run_script(f"{method}.py", "--model", original, *_forget(kind, method), *QUICK[method], "--data-dir", data_dir,
                "--out", out)
@@ -228,6 +228,8 @@ def test_leading_method_end_to_end_dense(method, kind, original, data_dir, workd
     assert meta["method"] == method and meta["parent"] == str(original)
     assert meta["quick_report"]["test_retain_acc"] > 30  # still classifies the retained data (chance: 11%)
     assert any(not torch.equal(weights[k], start[k]) for k in start if k.endswith("weight"))
+    if method != "ssd":  # SSD dampens weights once, no training loop
+        assert_no_read_per_step(train_loop_reads)
     if kind == "class" and method in ("salun", "ssd"):  # these forget the class within the quick settings
         assert meta["quick_report"]["forget_acc"] < 50
     if method == "ssd":  # upstream's importance batches: 64 class-wise, 128 random-sample

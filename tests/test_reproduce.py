@@ -374,6 +374,14 @@ def test_a_torchrun_process_ends_without_the_interpreters_teardown():
         assert proc.returncode == status and printed in proc.stdout + proc.stderr
 
 
+def test_a_sweeps_runs_share_one_compile_cache_in_its_folder_unless_the_user_set_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    envs = common.executors._slot_envs(common.make_executor("local", workers=2, threads=1), "cpu", sweep_dir=tmp_path)
+    assert [env["TORCHINDUCTOR_CACHE_DIR"] for env in envs] == [str(tmp_path.resolve() / "torch-compile-cache")] * 2
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/shared/compile-cache")
+    assert common.compile_cache_env(tmp_path) == {"TORCHINDUCTOR_CACHE_DIR": "/shared/compile-cache"}
+
+
 @pytest.mark.slow
 def test_a_warm_fork_trains_what_a_fresh_interpreter_trains_and_fails_as_it_does(data_dir, tmp_path):
     # The serial and local executors' CPU runs: forks of the warm interpreter (executors.WARM_IMPORTS).

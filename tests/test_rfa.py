@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 import common
 import rfa
-from conftest import run_script
+from conftest import assert_no_read_per_step, run_script
 
 
 def _taps(original):
@@ -50,12 +50,13 @@ def test_training_on_retain_only_keeps_the_features_close(original, data_dir, wo
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["teacher-ce", "nearest-class-mean"])
 @pytest.mark.parametrize("forget", [["--forget-class", "3"], ["--forget-random", "300"]], ids=["class", "random"])
-def test_each_shift_target_end_to_end(target, forget, original, data_dir, workdir):
+def test_each_shift_target_end_to_end(target, forget, original, data_dir, workdir, train_loop_reads):
     out = workdir / f"rfa_{target}_{forget[0][2:]}.safetensors"
     run_script("rfa.py", "--model", original, *forget, "--target", target, "--epochs", "6", "--lr", "3e-3",
                "--data-dir", data_dir, "--out", out)
     meta = common.read_sidecar(out)
     assert meta["method"] == "rfa" and meta["trainable_params"] < 0.15 * meta["total_params"]
+    assert_no_read_per_step(train_loop_reads)
     if forget[0] == "--forget-class":
         teacher, _ = common.load_checkpoint(original)
         data = common.data_from_spec(meta["data"], data_dir, "cpu")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import common
 import iu
-from conftest import SUBSET, TINY_RESNET, made_once, run_script
+from conftest import SUBSET, TINY_RESNET, assert_no_read_per_step, made_once, run_script
 
 # Small but real settings: one pass, few Fisher samples.
 QUICK = {"ga": ["--epochs", "1"], "rl": ["--epochs", "1"], "l1sparse": ["--epochs", "1"],
@@ -43,7 +43,8 @@ def test_imp_sparsity_after_k_rounds(workdir, data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(QUICK))
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "omp50"])
-def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, original, omp, data_dir, workdir):
+def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, original, omp, data_dir, workdir,
+                                                            train_loop_reads):
     source = omp if sparse else original
     out = workdir / f"{method}_{'omp' if sparse else 'dense'}.safetensors"
     run_script(f"{method}.py", "--model", source, "--forget-class", "3", *QUICK[method], "--data-dir", data_dir,
@@ -55,6 +56,8 @@ def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, orig
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     report = meta["quick_report"]
     assert 0 <= report["forget_acc"] <= 100 and report["test_retain_acc"] > 11  # above chance (9 classes)
+    if method not in ("ff", "iu"):  # one-shot updates, no training loop
+        assert_no_read_per_step(train_loop_reads)
 
 
 @pytest.mark.slow
