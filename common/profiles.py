@@ -110,6 +110,15 @@ PROFILES = {
 }
 
 
+# The methods the population audits unlearn with (the PruneLoRA four, the Unlearn-Sparse methods, the leading ones),
+# at the settings the random1200 tuning chose on validation (LF-SSD's alpha: not tuned yet).
+AUDITED_METHODS = ["finetune", "pruneft", "lora", "loraprune", "ft-sparse", "ga", "rl", "ff", "iu", "l1sparse",
+                   "salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher"]
+AUDITED_METHOD_FLAGS = {"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
+                        "ssd": ["--selection", "3"], "lf-ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"],
+                        "ff": ["--alpha", "1e-6"], "iu": ["--damping", "0.1"], "l1sparse": ["--alpha", "5e-5"]}
+
+
 # Audit profiles: audit.py's probe and relearn on every model of finished profiles (their results.csv; seed and
 # forget settings as listed), U-LiRA and RMIA on a shadow population of its own (audit.py lira, rmia; None: left
 # out), and KLOM on populations of its own (audit.py klom; absent: left out).
@@ -121,9 +130,7 @@ AUDIT_PROFILES = {
         lira=dict(  # random-sample forgetting on 2,000-image halves; settings the random1200 tuning chose
             pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
                       "30", "--augment", "false"],  # converged: 100% train accuracy, validation flat
-            methods=["finetune", "loraprune", "ga", "salun", "scrub", "ssd", "neggradplus", "badteacher"],
-            method_flags={"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
-                          "ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"]},
+            methods=AUDITED_METHODS, method_flags=AUDITED_METHOD_FLAGS,
             shadows=16, pool=500),
         klom=dict(  # 16 models per population (the authors use 100; see common.klom.KLOM_MODELS for the floor)
             # U-LiRA's memorising recipe with 1,200 held-out images: at 8 epochs the original fit Df no better than
@@ -131,9 +138,7 @@ AUDIT_PROFILES = {
             pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
                       "30", "--augment", "false", "--val-fraction", "0.02"],
             forget=["--forget-random", "300", "--forget-seed", "0"],
-            methods=["finetune", "loraprune", "ga", "salun", "scrub", "ssd", "neggradplus", "badteacher"],
-            method_flags={"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
-                          "ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"]},
+            methods=AUDITED_METHODS, method_flags=AUDITED_METHOD_FLAGS,
             models=16)),
     "smoke-audit": dict(of=["smoke"], seeds=[0], probe=["class3"], relearn=["class3"], lira=None,
                         relearn_settings=dict(relearn_steps=20, relearn_forget=100, relearn_retain=300)),
