@@ -57,6 +57,11 @@ def _method_run(profile: dict, base: Path, method: str, tuned: list[str], *, lab
                                              "--seed", seed])
 
 
+def skipped(method: str, kind: str) -> bool:
+    """Whether a sweep leaves the method out of a forget setting of this kind (CLASS_WISE_ONLY on "random")."""
+    return kind == "random" and method in common.CLASS_WISE_ONLY
+
+
 def plan_tuning(profile: dict, methods: list[str], seeds: list[int], ckpt: Path) -> tuple[list[dict], list[dict]]:
     """The candidate runs of the profile's tuned methods (first seed, first forget setting of each kind, dense
     original) and one validation-split evaluation group per (arch, forget setting)."""
@@ -68,7 +73,7 @@ def plan_tuning(profile: dict, methods: list[str], seeds: list[int], ckpt: Path)
         runs.append(dict(kind="original", out=original, cmd=[*pretrain, "--seed", seed]))
         for kind in ("class", "random"):
             forget = next((f for f in profile["forgets"] if kind_of(forget_tag(f)) == kind), None)
-            tuned = [m for m in profile.get("tune", []) if m in methods]
+            tuned = [m for m in profile.get("tune", []) if m in methods and not skipped(m, kind)]
             if forget is None or not tuned:
                 continue
             tag = forget_tag(forget)
@@ -138,7 +143,7 @@ def plan(profile: dict, methods: list[str], seeds: list[int], ckpt: Path,
                 for variant, source in originals.items():
                     group = dict(arch=arch, forget=tag, seed=seed, variant=variant, retrain=retrain_of[seed],
                                  floor=floor, source=source, methods={}, sparse_retrain=None)
-                    for method in methods:
+                    for method in [m for m in methods if not skipped(m, kind_of(tag))]:
                         label = method if variant == "dense" else f"{method}@{variant}"
                         runs.append(_method_run(profile, base, method, chosen.get((method, kind_of(tag)), []),
                                                 label=label, tag=tag, forget=forget, source=source, seed=seed))

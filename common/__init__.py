@@ -97,7 +97,7 @@ from .references import (  # noqa: F401
     check_references, reference_name, checked_models, held_out, describe_forget,
 )
 from .profiles import (  # noqa: F401
-    METHODS, TUNING, CPU_CONVERGED, MIN_RETRAIN_SEEDS, PROFILES, AUDIT_PROFILES, method_commands,
+    METHODS, CLASS_WISE_ONLY, TUNING, CPU_CONVERGED, MIN_RETRAIN_SEEDS, PROFILES, AUDIT_PROFILES, method_commands,
 )
 from .executors import (  # noqa: F401
     Executor, EXECUTORS, make_executor, add_executor_args, executor_from_args, DATA_PARALLEL_SCRIPTS,

@@ -269,6 +269,16 @@ def test_every_profile_names_only_known_methods_and_tunes_only_its_own():
         assert (ROOT / script).exists(), method
 
 
+def test_a_sweep_runs_class_wise_only_methods_on_its_class_forget_sets_alone(tmp_path):
+    import reproduce
+    profile = common.PROFILES["cpu-fashion-leading"]
+    runs, _ = reproduce.plan(profile, ["delete", "ssd"], [0], tmp_path)
+    forgets = {(r["cmd"][0], r["out"].name.split("_")[0]) for r in runs if r["kind"] == "method"}
+    assert forgets == {("delete.py", "class3"), ("ssd.py", "class3"), ("ssd.py", "random1200")}
+    tuning, _ = reproduce.plan_tuning(profile, ["delete"], [0], tmp_path)
+    assert {r["out"].name.split("_")[0] for r in tuning if r["kind"] == "method"} == {"class3"}
+
+
 def test_compare_keeps_the_shared_settings_and_seeds_and_each_model_once(tmp_path):
     import reproduce
 
