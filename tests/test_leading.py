@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import badteacher
+import amun
 import common
 import delete
 import neggradplus
@@ -215,6 +216,20 @@ def test_delete_distils_the_teachers_other_classes_renormalised(tiny):
     assert float(loss_fn(teacher, (x[:32], y[:32]))) == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_amun_finds_for_each_image_an_example_the_model_misclassifies_within_its_radius(tiny):
+    model, info, x, y = tiny
+    x = x[:12]
+    with torch.no_grad():  # labels the model gets right, so that every image needs a search
+        y = model.eval()(common.normalize(x, info, None)).argmax(1)
+    x_adv, y_adv, radius = amun.nearest_adversarial(model, x, y, info, None, eps=0.5, steps=3, max_doublings=8)
+    assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 255
+    with torch.no_grad():
+        predicted = model.eval()(common.normalize(x_adv, info, None)).argmax(1)
+    assert torch.equal(predicted, y_adv) and bool((y_adv != y).all())  # each flipped, labelled as the model sees it
+    distance = ((x_adv - x.float()) / 255).flatten(1).norm(dim=1)
+    assert bool((distance <= radius + 1e-4).all()) and bool((distance > 0).all()) and radius.min() >= 0.5
+
+
 def test_delete_refuses_random_sample_forgetting_in_one_line(tmp_path):
     out = tmp_path / "delete.safetensors"
     proc = run_script("delete.py", "--model", tmp_path / "original.safetensors", "--forget-random", "100", "--out",
@@ -304,6 +319,18 @@ def test_delete_end_to_end_forgets_the_class_and_keeps_the_others(original, data
     meta = common.read_sidecar(out)
     assert meta["method"] == "delete" and meta["config"]["optimizer"] == "sgd"
     assert meta["quick_report"]["forget_acc"] < 40 and meta["quick_report"]["test_retain_acc"] > 70
+    assert_no_read_per_step(train_loop_reads)
+
+
+@pytest.mark.slow
+def test_amun_end_to_end_trains_on_the_adversarial_examples_and_the_training_data(original, data_dir, workdir,
+                                                                                 train_loop_reads):
+    out = workdir / "amun_random_dense.safetensors"
+    run_script("amun.py", "--model", original, "--forget-random", "100", "--epochs", "2", "--attack-eps", "0.3",
+               "--attack-steps", "10", "--data-dir", data_dir, "--out", out)
+    meta = common.read_sidecar(out)
+    assert meta["method"] == "amun" and meta["adversarial_examples"]["unflipped"] == 0
+    assert meta["quick_report"]["test_retain_acc"] > 70
     assert_no_read_per_step(train_loop_reads)
 
 
