@@ -28,6 +28,7 @@ METHODS = {
     "badteacher": ("badteacher.py", []),
     "delete": ("delete.py", []),  # class-wise only (CLASS_WISE_ONLY)
     "amun": ("amun.py", []),
+    "sfron": ("sfron.py", []),
     "salun-lora": ("salun.py", ["--lora"]),  # the leading methods through LoRA adapters (+ head); on an OMP
     "scrub-lora": ("scrub.py", ["--lora"]),  # model, "prune, then adapt, then unlearn"
     "neggradplus-lora": ("neggradplus.py", ["--lora"]),

@@ -75,13 +75,15 @@ class Stopwatch:
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
-               after_epoch: Callable[[int], dict] | None = None, desc: str = "train",
+               after_epoch: Callable[[int], dict] | None = None, after_backward: Callable[[tuple], None] | None = None,
+               desc: str = "train",
                compile_mode: str | None = None, measure_activations: bool = True, log: bool = True,
                bf16: bool = True) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
-    validation data only). A non-finite loss stops the run with a UserError at the end of its epoch.
+    validation data only). after_backward(batch), if given, may change the gradients before grad_clip and the step
+    (a method that masks or clips only some of its steps). A non-finite loss stops the run with a UserError at the end of its epoch.
     compile_mode (COMPILE_MODES) hands loss_fn a torch.compile'd view of the model (same parameters; the first
     steps pay the compilation).
     measure_activations records the first step's saved_activation_bytes (not with compile_mode; the sidecar's
@@ -110,6 +112,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                         loss = loss_fn(forward_model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if after_backward is not None:
+                    after_backward(batch)
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()
