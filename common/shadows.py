@@ -23,7 +23,8 @@ from .executors import Executor
 from .rungraph import run_graph
 
 
-# U-LiRA: the shadow population. Hayes et al. use 64-128 models; N = 16 tiny ones fit 2 CPU cores in under an hour.
+# U-LiRA: the shadow population. Hayes et al. use 64-128 models; N = 16 tiny ones with the 16 audited methods take
+# about an hour on 2 CPU cores (8 shadows: 27 minutes, RESULTS.md).
 SHADOWS = 16
 
 
