@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,11 +200,21 @@ aten = torch.ops.aten
 
 class HostReads(TorchDispatchMode):
     """Counts the operations that make the host wait for a tensor's value while the mode is active and not paused:
-    .item(), float(), bool() and int() of a tensor (aten._local_scalar_dense), and results whose shape depends on
-    the values (nonzero, masked_select, boolean indexing). On a GPU each one stalls the queue of kernels."""
+    .item(), float(), bool() and int() of a tensor (aten._local_scalar_dense), results whose shape depends on the
+    values (nonzero, masked_select, boolean indexing), and copies to the host (.cpu(), .tolist(), .numpy(): no-ops
+    on a CPU tensor, which the dispatcher does not see, waits on a GPU one). On a GPU each stalls the kernel queue."""
     def __init__(self):
         super().__init__()
         self.count, self.paused = 0, False
+        self._copies = _HostCopies(self)
+
+    def __enter__(self):
+        self._copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused and (func in (aten._local_scalar_dense.default, aten.nonzero.default,
@@ -211,6 +222,20 @@ class HostReads(TorchDispatchMode):
                                 or func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool
                                                                      for i in args[1])):
             self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _HostCopies(TorchFunctionMode):
+    """HostReads' count of the tensor methods that copy values to the host."""
+    COPIES = (torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy)
+
+    def __init__(self, reads: HostReads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.reads.paused and func in self.COPIES:
+            self.reads.count += 1
         return func(*args, **(kwargs or {}))
 
 
