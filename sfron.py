@@ -15,6 +15,8 @@ prints the resolved config, one JSON line per 100 iterations, then Acc(Df), Acc(
 path. Works on dense or sparse (prune.py) models, masks kept; --lora trains LoRA adapters (+ head) instead.
 """
 import argparse
+import collections
+import itertools
 import math
 import time
 
@@ -147,17 +149,16 @@ def main():
                 params[name].grad.mul_(keep)
             torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_norm)
 
+    # The iteration of each optimizer step (a Df step and a Dr step share theirs): the cosine follows iterations.
     iteration_of_step = [i for i in range(args.iterations) for _ in range(2 if i % args.forget_every == 0 else 1)]
     optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 + math.cos(
         math.pi * iteration_of_step[min(step, len(iteration_of_step) - 1)] / args.iterations)) / 2)
-    logs = math.ceil(args.iterations / ITERATIONS_PER_LOG)
-    chunks = [range(k * ITERATIONS_PER_LOG, min((k + 1) * ITERATIONS_PER_LOG, args.iterations)) for k in range(logs)]
+    steps_per_log = collections.Counter(i // ITERATIONS_PER_LOG for i in iteration_of_step)
     whole_run = interleaved_batches(forget, retain, iterations=args.iterations, forget_every=args.forget_every,
                                     alpha=args.forget_alpha, batch_size=args.batch_size, gen=gen)
     result = common.train_loop(
-        model, optimizer, logs,
-        lambda log: (next(whole_run) for i in chunks[log] for _ in range(2 if i % args.forget_every == 0 else 1)),
+        model, optimizer, len(steps_per_log), lambda log: itertools.islice(whole_run, steps_per_log[log]),
         loss_fn, device=device, scheduler=scheduler, after_backward=mask_and_clip_forget_steps, desc=METHOD,
         freeze_bn=args.lora and not args.update_bn, compile_mode=args.compile)
 

@@ -43,8 +43,8 @@ def make_mixup(alpha: float, num_classes: int, label_smoothing: float):
 
 def train_recipe(model, data: Data, device, *, arch: str, retrain: bool, seed: int, epochs: int,
                  batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str, warmup_steps: int,
-                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_mode: str | None, desc: str,
-                 start_epoch: int = 0, stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
+                 grad_clip: float, mixup: float, label_smoothing: float, augment: bool, compile_mode: str | None,
+                 desc: str, start_epoch: int = 0, stop_epoch: int | None = None, shard: tuple[int, int] = (0, 1)):
     """Train with the recipe on the training split (or Dr with retrain), validating each epoch.
 
     Runs epochs start_epoch..stop_epoch-1 of the full run's schedule (default: all of them); prune.py

@@ -1,6 +1,6 @@
 """The one training loop, the losses the methods share, inference and optimizers.
 
-Invariants: train_loop reads a tensor's value once per epoch, never per step (tests/test_efficiency.py counts); metrics are
+Invariants: train_loop reads a tensor's value once per epoch, never per step (the tests count); metrics are
 computed from float32 logits (predict(fp32=True)); after_epoch sees validation data only."""
 from __future__ import annotations
 
@@ -75,15 +75,16 @@ class Stopwatch:
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
                epoch_batches: Callable[[int], Iterable], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
                device: torch.device, scheduler=None, freeze_bn: bool = False, grad_clip: float = 0.0,
-               after_epoch: Callable[[int], dict] | None = None, after_backward: Callable[[tuple], None] | None = None,
-               desc: str = "train",
+               after_epoch: Callable[[int], dict] | None = None,
+               after_backward: Callable[[tuple], None] | None = None, desc: str = "train",
                compile_mode: str | None = None, measure_activations: bool = True, log: bool = True,
                bf16: bool = True) -> TrainResult:
     """The one training loop: loss_fn(model, batch) -> scalar loss; epoch_batches(epoch) yields batches.
 
     The scheduler (if any) steps once per batch. after_epoch(epoch) may return metrics to log (on
     validation data only). after_backward(batch), if given, may change the gradients before grad_clip and the step
-    (a method that masks or clips only some of its steps). A non-finite loss stops the run with a UserError at the end of its epoch.
+    (a method that masks or clips only some of its steps). A non-finite loss stops the run with a UserError at
+    the end of its epoch.
     compile_mode (COMPILE_MODES) hands loss_fn a torch.compile'd view of the model (same parameters; the first
     steps pay the compilation).
     measure_activations records the first step's saved_activation_bytes (not with compile_mode; the sidecar's
