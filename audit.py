@@ -86,6 +86,9 @@ def main():
                            help="Dr images in the relearn set (default: %(default)s)")
             p.add_argument("--relearn-steps", type=common.positive_int, default=common.RELEARN_STEPS,
                            help="(default: %(default)s)")
+            p.add_argument("--relearn-held-out", type=common.non_negative_int, default=common.RELEARN_HELD_OUT,
+                           help="read the curve on a seeded N of the held-out forgotten images, 0 = all "
+                                "(default: %(default)s)")
             p.add_argument("--lr", type=common.positive_float, default=common.RELEARN_LR, help="(default: %(default)s)")
             p.add_argument("--batch-size", type=common.positive_int, default=common.RELEARN_BATCH_SIZE,
                            help="(default: %(default)s)")
@@ -120,8 +123,8 @@ def main():
         return main_population(args)
     outputs = common.check_output_files((args.json, args.md), args.overwrite)
     extra = dict(relearn_forget=args.relearn_forget, relearn_retain=args.relearn_retain,
-                 relearn_steps=args.relearn_steps, lr=args.lr, batch_size=args.batch_size,
-                 threshold=args.threshold) if args.audit == "relearn" else {}
+                 relearn_steps=args.relearn_steps, relearn_held_out=args.relearn_held_out, lr=args.lr,
+                 batch_size=args.batch_size, threshold=args.threshold) if args.audit == "relearn" else {}
     rows = common.audit(args.audit, args.checkpoints, args.retrain, floor=tuple(args.floor), data_dir=args.data_dir,
                  device=args.device, seed=args.seed, **extra)
     spec = common.read_sidecar(args.retrain)["data"]

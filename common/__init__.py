@@ -112,7 +112,7 @@ from .results import (  # noqa: F401
 )
 from .audits import (  # noqa: F401
     PROBE_C, PROBE_MAX_ITER, RELEARN_FORGET, RELEARN_RETAIN, RELEARN_LR, RELEARN_BATCH_SIZE, RELEARN_STEPS,
-    THRESHOLD, CURVE_STEPS, probe_row, relearn_data, relearn_curve, steps_to, audit, audit_markdown,
+    RELEARN_HELD_OUT, THRESHOLD, CURVE_STEPS, probe_row, relearn_data, relearn_curve, steps_to, audit, audit_markdown,
 )
 from .shadows import (  # noqa: F401
     SHADOWS, POOL, BOOTSTRAP, DELTA, EPSILON_CAP, THRESHOLDS_PER_UNIT, logit_confidence, shadow_runs,

@@ -21,6 +21,8 @@ Where we follow the authors' code, and where not:
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +142,15 @@ def klom_audit(pretrain: list[str], methods: dict[str, list[str]], *, forget: li
     run_graph(runs, executor or Executor(), data_dir=data_dir, device=device, log_dir=ckpt_dir / "logs")
     device = pick_device(device)
     data = data_from_spec(read_sidecar(paths["retrain"][0])["data"], data_dir, device)
-    margins, accuracies = population_margins(paths["retrain"], data, device)
-    reference = {name: m[models:] for name, m in margins.items()}
-    populations = {"retrain": ({name: m[:models] for name, m in margins.items()}, accuracies)}
-    for name in ("original", *methods):
+    populations, names = {}, ("retrain", "original", *methods)
+    for i, name in enumerate(names):  # progress on stderr: minutes on a CPU, a test-split pass per model
+        start = time.perf_counter()
         populations[name] = population_margins(paths[name], data, device)
+        print(f"[{i + 1}/{len(names)}] {name}: {len(paths[name])} models scored in "
+              f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    margins, accuracies = populations["retrain"]
+    reference = {name: m[models:] for name, m in margins.items()}
+    populations["retrain"] = ({name: m[:models] for name, m in margins.items()}, accuracies)
     rows, values = [], {}
     for name, (margin, acc) in populations.items():
         values[name] = {s: klom(margin[s], reference[s]) for s in KLOM_SETS}

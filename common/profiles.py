@@ -156,7 +156,8 @@ AUDIT_PROFILES = {
             methods=AUDITED_METHODS, method_flags=AUDITED_METHOD_FLAGS,
             models=16)),
     "smoke-audit": dict(of=["smoke"], seeds=[0], probe=["class3"], relearn=["class3"], lira=None,
-                        relearn_settings=dict(relearn_steps=20, relearn_forget=100, relearn_retain=300)),
+                        relearn_settings=dict(relearn_steps=20, relearn_forget=100, relearn_retain=300,
+                                              relearn_held_out=250)),
 }
 
 

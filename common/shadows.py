@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,9 +256,12 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
                    for path in models["retrain"]]
     members = np.stack([torch.isin(pool_data.forget, data.forget).cpu().numpy() for data in shadow_data])
     confidence, population, utility = {}, {}, {}
-    for name, paths in models.items():
+    for i, (name, paths) in enumerate(models.items()):  # progress on stderr: a test-split pass per model
+        start = time.perf_counter()
         confidence[name], population[name], utility[name] = shadow_outputs(
             paths, shadow_data, pool_data.subset("forget"), pool_data.subset("test"), device)
+        print(f"[{i + 1}/{len(models)}] {name}: {len(paths)} models scored in {time.perf_counter() - start:.0f}s",
+              file=sys.stderr, flush=True)
     rows, roc, rmia_roc = [], {}, {}
     n_models = shadows // 2
     for name in ("retrain", "original", *methods):

@@ -25,6 +25,11 @@ def test_relearn_data_is_one_draw_with_the_held_out_forgotten_images_kept_out(da
     assert not flat & {tuple(img.flatten().tolist()) for img in x_held}
     with pytest.raises(common.UserError, match="Df has only"):
         common.relearn_data(data, n_forget=100, n_retain=50, gen=torch.Generator().manual_seed(0))
+    # A cap on the held-out images keeps a subset of the same images, and the same relearn set.
+    (x_capped, _), (x_few, _) = common.relearn_data(data, n_forget=30, n_retain=50, n_held_out=20,
+                                                    gen=torch.Generator().manual_seed(0))
+    held = {tuple(img.flatten().tolist()) for img in x_held}
+    assert torch.equal(x_capped, x) and len(x_few) == 20 and {tuple(img.flatten().tolist()) for img in x_few} <= held
 
 
 # A model that memorises its training images (1,000 images, 30 epochs, no augmentation: 100% train accuracy), and
@@ -60,8 +65,9 @@ def test_probe_tells_the_original_from_retrain_but_not_two_retrains(memorising, 
 def test_relearn_tells_the_original_from_retrain_but_not_two_retrains(original, retrain, retrain_seed1, data_dir,
                                                                       tmp_path):
     out = tmp_path / "relearn.json"
+    # The curve on 250 of the forgotten class's 1,000 test images: reading it after each step is most of the time.
     run_script("audit.py", "relearn", original, "--retrain", retrain, "--floor", retrain_seed1,
-               "--relearn-steps", "200", "--data-dir", data_dir, "--json", out)
+               "--relearn-steps", "200", "--relearn-held-out", "250", "--data-dir", data_dir, "--json", out)
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["original"]["steps_to_threshold"] == 0 and rows["original"]["ain"] == 0
     assert rows["retrain"]["curve"][0] < 5 and rows["retrain"]["steps_to_threshold"] > 5  # it has to learn
@@ -161,6 +167,7 @@ def test_lira_end_to_end_scores_the_original_above_the_retrain_floor_and_resumes
     out = tmp_path / "lira.json"
     proc = run_script(*args, "--json", out, "--md", tmp_path / "lira.md", "--plot", tmp_path / "roc.png")
     assert "U-LiRA AUC (0.5 = as Retrain) ↓" in proc.stdout and (tmp_path / "roc.png").stat().st_size > 0
+    assert proc.stderr.count("models scored in") == 3  # progress: Retrains, originals, GA
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "ga"]
     # The original still holds its training images: far easier to tell from never-seen than Retrain is.
@@ -187,6 +194,7 @@ def test_klom_end_to_end_trains_the_populations_reports_percentiles_per_set_and_
     out = tmp_path / "klom.json"
     proc = run_script(*args, "--json", out, "--plot", tmp_path / "klom.png")
     assert "Df KLOM p95 ↓" in proc.stdout and (tmp_path / "klom.png").stat().st_size > 0
+    assert proc.stderr.count("models scored in") == 3  # progress: Retrains, originals, GA
     result = json.loads(out.read_text())
     assert [r["model"] for r in result["rows"]] == ["retrain-floor", "original", "ga"]
     assert result["sizes"] == {"forget": 30, "retain": 270, "val": 300}

@@ -353,6 +353,8 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs(data_dir, tmp_path):
     assert len(submitted) >= 2 and sorted(cancelled) == sorted(submitted)
 
 
+# Real interpreters (seconds each to import torch): the slow tier.
+@pytest.mark.slow
 def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launchers_banner(tmp_path):
     import reproduce
     script = tmp_path / "crash.py"
@@ -368,6 +370,8 @@ def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launcher
         assert "ChildFailedError" in log.read_text()  # torchrun's own report, ending in a line of '='
 
 
+# Real interpreters (seconds each to import torch): the slow tier.
+@pytest.mark.slow
 def test_a_torchrun_process_ends_without_the_interpreters_teardown():
     # DDP keeps its gloo threads alive past destroy_process_group, and tearing them down at exit now and then
     # aborts the process (common.run_main). Stand-in for them: a thread that never ends, which an ordinary exit
