@@ -2,6 +2,10 @@
 
 Retrain (same recipe, same seed, forget set removed) is exact unlearning: every method is judged by how
 close it gets to it. Recipes per architecture are the papers' (cited at RECIPES); any flag overrides its recipe value.
+Two differences from the Unlearn-Sparse code (OPTML-Group/Unlearn-Sparse, README and unlearn/retrain.py), declared
+and not measured (each is a 160-182-epoch CIFAR-10 run, a GPU's work): its Retrain runs 160 epochs with the
+original's milestones (91, 136), a last phase of 24 epochs where ours, the original's recipe again, has 46; and
+its loaders keep each epoch's partial last batch where ours drop it (a different 200 of 45,000 images each epoch).
 
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3
     python pretrain.py --dataset fashion-mnist --arch resnet_tiny --epochs 3 --retrain --forget-class 3

@@ -6,6 +6,9 @@ surviving weights to their values after --rewind-epoch epochs of the same traini
 the mask held for the rest of that run's schedule (epochs rewind..end, learning rate resumed there). IMP
 (--rounds k): k rounds of pruning 20% of the remaining weights + rewind + retrain, ending at sparsity
 1 - 0.8^k. The recipe, seed and data split come from the dense model's sidecar (pretrain.py's config).
+Upstream (Unlearn-Sparse main_imp.py) retrains the full --epochs (182) after rewinding to epoch 8, its MultiStepLR
+advanced 8 steps, so its last 8 epochs run past the schedule's end at the final rate (0.001); ours ends with the
+schedule (174 epochs). Declared, not measured: 8 epochs at lr 0.001 after 174 of a CIFAR-10 run, a GPU's work.
 
 The rewind point is not stored by pretrain.py: this script replays the dense run (same seed, same
 initialisation, same batch order and schedule) up to --rewind-epoch and prints the replayed epoch's

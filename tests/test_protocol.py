@@ -233,6 +233,20 @@ def test_ff_fisher_and_noise_scale_on_a_model_with_a_known_fisher():
     torch.testing.assert_close(bn, alpha * 10 / (torch.tensor([0.5, 2.0]) + eps))  # 1-D: x10
 
 
+def test_ff_fisher_on_augmented_batches_is_the_fisher_of_those_batches_augmented_as_in_training():
+    info = common.DatasetInfo(2, 1, 6, (0.0,), (1.0,), True, 2)  # inputs in [0, 1]; crop padding and flips
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
+    x = torch.randint(0, 256, (8, 1, 6, 6), dtype=torch.uint8)
+    augmented = ff.retain_fisher(model, x, info, None, batch_size=4, augment_gen=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    by_hand = torch.cat([common.augment(x[:4], info, gen), common.augment(x[4:], info, gen)])
+    expected = ff.retain_fisher(model, by_hand, info, None, batch_size=4)
+    plain = ff.retain_fisher(model, x, info, None, batch_size=4)
+    assert all(torch.allclose(augmented[n], expected[n]) for n in expected)
+    assert not torch.allclose(augmented["1.weight"], plain["1.weight"])
+
+
 def test_mixup_uses_the_recipes_label_smoothing_not_timms_default():
     assert pretrain.RECIPES["vit_small"]["label_smoothing"] == 0.0
     x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)

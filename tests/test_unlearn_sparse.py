@@ -58,6 +58,8 @@ def test_method_end_to_end_keeps_the_input_sparsity_exactly(method, sparse, orig
     assert 0 <= report["forget_acc"] <= 100 and report["test_retain_acc"] > 11  # above chance (9 classes)
     if method not in ("ff", "iu"):  # one-shot updates, no training loop
         assert_no_read_per_step(train_loop_reads)
+    if method == "ff":  # the Fisher's batches are augmented as the original was trained (upstream's retain loader)
+        assert meta["config"]["fisher_augment"] is common.read_sidecar(source)["config"]["augment"] is True
 
 
 @pytest.mark.slow
