@@ -147,7 +147,8 @@ AUDIT_PROFILES = {
                       "30", "--augment", "false"],  # converged: 100% train accuracy, validation flat
             methods=AUDITED_METHODS, method_flags=AUDITED_METHOD_FLAGS,
             shadows=16, pool=500),
-        klom=dict(  # 16 models per population (the authors use 100; see common.klom.KLOM_MODELS for the floor)
+        klom=dict(  # 16 models per population (the authors use 100; see common.klom.KLOM_MODELS for the floor);
+            # 304 models with these 16 methods: about 3 h of training on 2 cores, 8 min of scoring (RESULTS.md)
             # U-LiRA's memorising recipe with 1,200 held-out images: at 8 epochs the original fit Df no better than
             # held-out data and was already within KLOM's floor (RESULTS.md)
             pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
