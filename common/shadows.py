@@ -309,8 +309,9 @@ def lira_markdown(result: dict) -> str:
               f"{r['median_epsilon']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} |" for r in result["rows"]]
     k = result["models_per_world"]
     legend = (f"{_population(result)}. U-LiRA: can a method's model tell an image it forgot from one it "
-              "never saw? ↓ = less; retrain (exact unlearning) is the floor this many shadows allow (0.5 up to "
-              "sampling error), original (no unlearning) the ceiling. ± = sd over bootstrap resamples of the target "
+              "never saw? ↓ = less, down to 0.5: below it the forgotten images read as less member-like than "
+              "never-seen ones (over-forgetting), as detectable as 1 - AUC. retrain (exact unlearning) is the floor "
+              "this many shadows allow (0.5 up to sampling error), original (no unlearning) the ceiling. ± = sd over bootstrap resamples of the target "
               f"images. Challenge forget quality: per forgotten image, {k} of the method's models against {k} "
               f"Retrains that never saw it (the challenge used 512 each), eps in 0.5-wide buckets up to "
               f"ceil(log({k} - 1)), so it is coarse and Retrain against Retrain scores below 1; score = quality x "
@@ -329,8 +330,9 @@ def rmia_markdown(result: dict) -> str:
     legend = (f"{_population(result)}; population z: the {result['population']} test images. Offline "
               "RMIA asks of each method's model U-LiRA's question (forgotten, or never seen?) with a likelihood ratio "
               "against population images, its references the other shadows' models of the same method (all but "
-              "the target's pair, which tunes a). ↓ = less told apart; retrain is the floor this population allows, "
-              "original the ceiling. ± = sd over bootstrap resamples of the target images.")
+              "the target's pair, which tunes a). ↓ = less told apart, down to 0.5 (an AUC below it is as "
+              "detectable as 1 - AUC: over-forgetting); retrain is the floor this population allows, original the "
+              "ceiling. ± = sd over bootstrap resamples of the target images.")
     return "\n".join(lines) + "\n\n" + legend
 
 
