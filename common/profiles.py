@@ -126,9 +126,10 @@ PROFILES = {
 
 
 # The methods the population audits unlearn with (the PruneLoRA four, the Unlearn-Sparse methods, the leading ones),
-# at the settings the random1200 tuning chose on validation (LF-SSD's alpha: not tuned yet).
+# at the settings the random1200 tuning chose on validation (LF-SSD's alpha, SFR-on and AMUN: not tuned yet, their
+# defaults). DELETE is class-wise only; the populations forget random images.
 AUDITED_METHODS = ["finetune", "pruneft", "lora", "loraprune", "ft-sparse", "ga", "rl", "ff", "iu", "l1sparse",
-                   "salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher"]
+                   "salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher", "sfron", "amun"]
 AUDITED_METHOD_FLAGS = {"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
                         "ssd": ["--selection", "3"], "lf-ssd": ["--selection", "3"], "neggradplus": ["--beta", "0.95"],
                         "ff": ["--alpha", "1e-6"], "iu": ["--damping", "0.1"], "l1sparse": ["--alpha", "5e-5"]}
@@ -148,7 +149,8 @@ AUDIT_PROFILES = {
             methods=AUDITED_METHODS, method_flags=AUDITED_METHOD_FLAGS,
             shadows=16, pool=500),
         klom=dict(  # 16 models per population (the authors use 100; see common.klom.KLOM_MODELS for the floor);
-            # 304 models with these 16 methods: about 3 h of training on 2 cores, 8 min of scoring (RESULTS.md)
+            # 304 models with the first 16 methods: about 3 h of training on 2 cores, 8 min of scoring (RESULTS.md);
+            # SFR-on and AMUN add 32 runs, 31 min
             # U-LiRA's memorising recipe with 1,200 held-out images: at 8 epochs the original fit Df no better than
             # held-out data and was already within KLOM's floor (RESULTS.md)
             pretrain=["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "4000", "--epochs",
