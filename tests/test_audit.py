@@ -32,19 +32,19 @@ def test_relearn_data_is_one_draw_with_the_held_out_forgotten_images_kept_out(da
     assert torch.equal(x_capped, x) and len(x_few) == 20 and {tuple(img.flatten().tolist()) for img in x_few} <= held
 
 
-# A model that memorises its training images (1,000 images, 30 epochs, no augmentation: 100% train accuracy), and
-# two Retrains without 200 random ones: the probe should read the memorised Df on the original's features only.
+# A model that memorises its training images (600 images, 25 epochs, no augmentation: 100% train accuracy), and
+# two Retrains without 120 random ones: the probe should read the memorised Df on the original's features only.
 # The probe fits on the validation split: 2% (1,200 images) is enough, and each epoch's validation pass is short.
-MEMORISING = ["--dataset", "fashion-mnist", "--train-subset", "1000", "--val-fraction", "0.02", "--arch",
-              "resnet_tiny", "--epochs", "30", "--batch-size", "64", "--lr", "0.1", "--augment", "false"]
+MEMORISING = ["--dataset", "fashion-mnist", "--train-subset", "600", "--val-fraction", "0.02", "--arch",
+              "resnet_tiny", "--epochs", "25", "--batch-size", "64", "--lr", "0.1", "--augment", "false"]
 
 
 @pytest.fixture(scope="module")
 def memorising(workdir, data_dir):
-    """(original, Retrain seed 0, Retrain seed 1) for 200 random images, on the memorising recipe."""
+    """(original, Retrain seed 0, Retrain seed 1) for 120 random images, on the memorising recipe."""
     return [made_once(workdir / "memorising_original.safetensors", "pretrain.py", *MEMORISING, "--data-dir", data_dir),
             *(made_once(workdir / f"memorising_retrain_s{seed}.safetensors", "pretrain.py", *MEMORISING, "--retrain",
-                        "--forget-random", "200", "--seed", seed, "--data-dir", data_dir) for seed in (0, 1))]
+                        "--forget-random", "120", "--seed", seed, "--data-dir", data_dir) for seed in (0, 1))]
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_probe_tells_the_original_from_retrain_but_not_two_retrains(memorising, 
     assert "probe Acc(Df) ↓" in proc.stdout
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     floor = abs(rows["retrain"]["probe_forget_acc"] - rows["retrain-floor s1"]["probe_forget_acc"])
-    # Measured: original 95.0, Retrains 77.0 and 78.0 (on 2,000 training images: 96.5, 80.0 and 83.5).
+    # Measured: original 93.3, Retrains 76.7 and 73.3 (on 1,000 images, 30 epochs: 95.0, 77.0 and 78.0).
     assert rows["original"]["probe_forget_acc"] - rows["retrain"]["probe_forget_acc"] > max(3 * floor, 5.0)
     assert rows["retrain"]["probe_test_forget_acc"] is None  # random-sample: no forgotten class
 
@@ -65,14 +65,17 @@ def test_probe_tells_the_original_from_retrain_but_not_two_retrains(memorising, 
 def test_relearn_tells_the_original_from_retrain_but_not_two_retrains(original, retrain, retrain_seed1, data_dir,
                                                                       tmp_path):
     out = tmp_path / "relearn.json"
-    # The curve on 250 of the forgotten class's 1,000 test images: reading it after each step is most of the time.
+    # The curve on 100 of the forgotten class's held-out test images (reading it after each step is most of the
+    # time), at 3x the default lr. Measured: the Retrains reach the threshold at steps 54 and 51 (AIN 0.94); at the
+    # default lr, 132 and 108 of 200 steps.
     run_script("audit.py", "relearn", original, "--retrain", retrain, "--floor", retrain_seed1,
-               "--relearn-steps", "200", "--relearn-held-out", "250", "--data-dir", data_dir, "--json", out)
+               "--relearn-steps", "100", "--lr", "0.003", "--relearn-held-out", "100", "--data-dir", data_dir,
+               "--json", out)
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["original"]["steps_to_threshold"] == 0 and rows["original"]["ain"] == 0
     assert rows["retrain"]["curve"][0] < 5 and rows["retrain"]["steps_to_threshold"] > 5  # it has to learn
     assert 0.5 <= rows["retrain-floor s1"]["ain"] <= 2.0
-    assert len(rows["retrain"]["curve"]) == 201
+    assert len(rows["retrain"]["curve"]) == 101
 
 
 @pytest.mark.slow
@@ -151,10 +154,10 @@ def test_rmia_tells_separable_members_apart_and_shuffled_ones_not():
     assert abs(common.roc_summary(scores.ravel(), shuffled.ravel())["auc"] - 0.5) < 0.03
 
 
-# Six shadows of a small memorising recipe (300-image halves, 40 epochs, no validation split: nothing here reads
+# Six shadows of a small memorising recipe (300-image halves, 28 epochs, no validation split: nothing here reads
 # one, and its pass after every epoch would cost more than the training): the smallest population that runs
 # every step; it tells the original apart, it measures nothing finer.
-LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 --val-fraction 0 --epochs 40 "
+LIRA_PRETRAIN = ("--dataset fashion-mnist --arch resnet_tiny --train-subset 600 --val-fraction 0 --epochs 28 "
                  "--batch-size 64 --lr 0.1 --augment false")
 
 
@@ -171,7 +174,8 @@ def test_lira_end_to_end_scores_the_original_above_the_retrain_floor_and_resumes
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["retrain", "original", "ga"]
     # The original still holds its training images: far easier to tell from never-seen than Retrain is.
-    # Measured: AUC 0.874 against 0.505, forget quality 0.110 against 0.350; RMIA AUC 0.835 against 0.504.
+    # Measured: AUC 0.834 against 0.491, forget quality 0.160 against 0.385; RMIA AUC 0.846 against 0.494 (Retrain's
+    # RA 99.3%: the halves are memorised; at 20 epochs, 94.9% and an AUC gap of 0.24).
     assert rows["original"]["auc"] > rows["retrain"]["auc"] + 0.15, rows
     assert rows["original"]["forget_quality"] < rows["retrain"]["forget_quality"]
     assert rows["original"]["rmia_auc"] > rows["retrain"]["rmia_auc"] + 0.15, rows  # RMIA's, computed alongside

@@ -12,8 +12,8 @@ from conftest import ROOT, run_script
 
 # No BatchNorm (per-process statistics) and no augmentation (per-process draws): the one recipe in which two
 # processes must train exactly what one process trains, up to the order of float sums.
-VIT = ["--dataset", "fashion-mnist", "--arch", "vit_tiny", "--train-subset", "1000", "--epochs", "1",
-       "--batch-size", "100", "--augment", "false", "--retrain", "--forget-class", "3"]
+VIT = ["--dataset", "fashion-mnist", "--arch", "vit_tiny", "--train-subset", "1000", "--val-fraction", "0.02",
+       "--epochs", "1", "--batch-size", "100", "--augment", "false", "--retrain", "--forget-class", "3"]
 
 
 def test_shards_of_a_batch_are_disjoint_and_make_up_the_single_process_batch():

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import common
-from conftest import copy_sidecar, run_script
+from conftest import TEST_IMAGES, copy_sidecar, run_script
 
 
 @pytest.fixture(scope="module")
-def fashion(data_dir):
-    return common.load_dataset("fashion-mnist", data_dir)
+def fashion(full_data_dir):
+    return common.load_dataset("fashion-mnist", full_data_dir)
 
 
 def test_fashion_mnist_loads_the_real_debian_data(fashion):
@@ -23,8 +23,15 @@ def test_fashion_mnist_loads_the_real_debian_data(fashion):
     assert info.num_classes == 10 and info.channels == 1
 
 
-def test_class_wise_split_properties(data_dir):
-    data = common.make_data("fashion-mnist", data_dir, val_fraction=0.1, forget_class=3)
+def test_the_tests_data_folder_is_the_whole_training_split_and_the_first_test_images(data_dir, fashion):
+    _, (x_train, y_train), (x_test, y_test) = common.load_dataset("fashion-mnist", data_dir)
+    _, (full_x_train, full_y_train), (full_x_test, full_y_test) = fashion
+    assert torch.equal(x_train, full_x_train) and torch.equal(y_train, full_y_train)
+    assert torch.equal(x_test, full_x_test[:TEST_IMAGES]) and torch.equal(y_test, full_y_test[:TEST_IMAGES])
+
+
+def test_class_wise_split_properties(full_data_dir):
+    data = common.make_data("fashion-mnist", full_data_dir, val_fraction=0.1, forget_class=3)
     train, forget, retain = set(data.train.tolist()), set(data.forget.tolist()), set(data.retain.tolist())
     assert forget.isdisjoint(retain) and forget | retain == train
     assert set(data.val.tolist()).isdisjoint(train)
@@ -41,13 +48,13 @@ def test_val_fraction_zero_keeps_the_papers_5000_image_forget_class(data_dir):
     assert len(data.val) == 0 and len(data.forget) == 6000 and len(data.retain) == 54000
 
 
-def test_random_forget_set_follows_its_own_seed(data_dir):
+def test_random_forget_set_follows_its_own_seed(full_data_dir):
     def forget(seed, split_seed=0):
-        return common.make_data("fashion-mnist", data_dir, forget_random=500, forget_seed=seed,
+        return common.make_data("fashion-mnist", full_data_dir, forget_random=500, forget_seed=seed,
                                 split_seed=split_seed).forget
     first, again, other = forget(1), forget(1), forget(2)
     assert torch.equal(first, again) and not torch.equal(first, other) and len(first) == 500
-    data = common.make_data("fashion-mnist", data_dir, forget_random=500, forget_seed=1)
+    data = common.make_data("fashion-mnist", full_data_dir, forget_random=500, forget_seed=1)
     assert len(data.test_forget) == 0 and len(data.test_retain) == 10000  # random-sample: whole test set kept
     assert common.index_hash(first) == data.forget_hash
 
