@@ -19,7 +19,7 @@ import common
 METHOD = "rl"
 FORGET_CLASS = 3  # the PruneLoRA paper's class (cat in CIFAR-10); --forget-random N forgets N random images
 # Unlearn-Sparse settings (Jia et al. 2023, App. C): SGD momentum 0.9, wd 5e-4, batch 256, augmentation.
-EPOCHS = 10  # passes over Dr with the relabelled Df mixed in
+EPOCHS = 10  # each: a Df pass with random labels, then a Dr pass (one mixed pass with --mixed-pass)
 LR = 0.01
 BATCH_SIZE = 256
 OPTIMIZER = "sgd"

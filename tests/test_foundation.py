@@ -226,3 +226,13 @@ def test_pretrain_help_lists_every_flag_with_its_default():
         assert flag in proc.stdout
     assert "resnet50" in proc.stdout and "./data" in proc.stdout
     assert "lr=0.1" in proc.stdout  # the per-architecture recipe defaults are listed too
+
+
+def test_random_images_are_the_same_on_every_call_and_each_caller_owns_its_copy(tmp_path):
+    _, (x, y), (x_test, _) = common.load_dataset("random-cifar10", tmp_path)
+    assert x.shape == (50000, 3, 32, 32) and x.dtype == torch.uint8 and x_test.shape == (1000, 3, 32, 32)
+    first = x[:100].clone()
+    x.zero_()  # a caller's in-place change stays in its copy
+    _, (again, y_again), _ = common.load_dataset("random-cifar10", tmp_path)
+    assert torch.equal(again[:100], first) and torch.equal(y_again, y)
+    assert not any(tmp_path.iterdir())  # no files read or written
