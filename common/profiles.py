@@ -131,7 +131,8 @@ PROFILES = {
         methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5, 0.95],
         tune=["ga", "ff", "iu", "l1sparse"]),
     "smoke": dict(  # seconds-sized, for the tests
-        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=["--epochs", "1", "--train-subset", "2000"],
+        dataset="fashion-mnist", archs=["resnet_tiny"],
+        pretrain=["--epochs", "1", "--train-subset", "2000", "--val-fraction", "0.02"],  # 1,200 validation images
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "loraprune"], omp=[0.5],
         omp_flags=["--rewind-epoch", "0"],
         method_flags={"finetune": ["--epochs", "1"], "loraprune": ["--epochs", "1"]}),
