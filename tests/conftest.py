@@ -158,9 +158,8 @@ def _write_first_images(source: Path, target: Path, count: int) -> None:
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
     item_bytes = int(np.prod(shape[1:], dtype=np.int64))
     header = raw[:4] + b"".join(n.to_bytes(4, "big") for n in [count, *shape[1:]])
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(header + raw[4 + 4 * dims: 4 + 4 * dims + count * item_bytes])
-    tmp.replace(target)
+    items = raw[4 + 4 * dims: 4 + 4 * dims + count * item_bytes]
+    common.atomic_write(target, lambda tmp: tmp.write_bytes(header + items))
 
 
 @pytest.fixture(scope="session")
@@ -181,8 +180,7 @@ def data_dir(workdir, full_data_dir) -> Path:
         raw.mkdir(parents=True, exist_ok=True)
         for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
             if not (raw / name).exists():
-                shutil.copyfile(source / name, raw / f".{name}.tmp")
-                (raw / f".{name}.tmp").replace(raw / name)
+                common.atomic_write(raw / name, lambda tmp: shutil.copyfile(source / name, tmp))
         for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
             if not (raw / name).exists():
                 _write_first_images(source / name, raw / name, TEST_IMAGES)
