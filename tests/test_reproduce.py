@@ -118,17 +118,20 @@ def test_every_executor_gives_the_serial_results_and_resumes_an_interrupted_swee
 
     blocker = ckpt / "class3_loraprune_omp50_s0.safetensors"  # a folder where its output goes: it fails
     blocker.mkdir()  # (it needs the OMP model, which needs the original: it cannot have run yet)
+
+    def assert_the_blocker_fails_in_one_line(proc):
+        assert proc.returncode == 2 and proc.stderr.startswith("error: 1 run(s) failed, first " + blocker.name)
+        assert "exists and is not a regular file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
     failing = run_script("reproduce.py", *flags, "--executor", "local", "--workers", "2", check=False)
-    assert failing.returncode == 2 and failing.stderr.startswith("error: 1 run(s) failed, first " + blocker.name)
-    assert "exists and is not a regular file" in failing.stderr and len(failing.stderr.strip().splitlines()) == 1
+    assert_the_blocker_fails_in_one_line(failing)
     assert "not run (an input failed)" in failing.stdout  # the OMP group's evaluation waits for it
     assert failing.stdout.count("skipped (exists)") == len(finished)  # 12 runs: these, 1 failed, 1 not run
     assert failing.stdout.count("done in") == 10 - len(finished)
     assert all(f"{name}: skipped (exists)" in failing.stdout for name in finished)
     # A submitit job's failure is read from the job's own log: the same one line.
     as_job = run_script("reproduce.py", *flags, "--executor", "submitit-local", check=False)
-    assert as_job.returncode == 2 and as_job.stderr.startswith("error: 1 run(s) failed, first " + blocker.name)
-    assert "exists and is not a regular file" in as_job.stderr and len(as_job.stderr.strip().splitlines()) == 1
+    assert_the_blocker_fails_in_one_line(as_job)
     assert as_job.stdout.count("skipped (exists)") == 10 and "done in" not in as_job.stdout
 
     blocker.rmdir()  # the next call resubmits the failed run and what waited for it, and nothing else
