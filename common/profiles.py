@@ -86,6 +86,12 @@ CPU_CONVERGED = ["--train-subset", "12000", "--epochs", "15", "--augment", "fals
 MIN_RETRAIN_SEEDS = 3  # Retrains per forget set, at least: the seed-noise floor needs pairs
 
 
+# The grid the CPU profiles of the Unlearn-Sparse, RFA and leading methods share (their rows compare directly):
+# converged originals, class 3 and 1,200 random images, seeds 0-2.
+CPU_GRID = dict(dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
+                forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2])
+
+
 # A profile: dataset and architectures, pretraining flags, forget settings, seeds, methods (with per-profile
 # extra flags), OMP sparsities whose pruned originals every method also runs on, and the method whose pruning
 # mask gives the sparse Retrain that rows pruning during unlearning are also compared with (sparse_reference_of).
@@ -96,20 +102,15 @@ PROFILES = {
                  ["--forget-random", "1200"]], seeds=[0, 1, 2],
         methods=["finetune", "pruneft", "lora", "loraprune"], sparse_reference_of="pruneft"),
     "cpu-fashion-sparse": dict(  # the Unlearn-Sparse methods, dense and at 50% OMP sparsity
-        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
-        methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5], tune=["ga", "ff", "iu", "l1sparse"]),
+        CPU_GRID, methods=["ft-sparse", "ga", "rl", "ff", "iu", "l1sparse"], omp=[0.5],
+        tune=["ga", "ff", "iu", "l1sparse"]),
     "cpu-fashion-rfa": dict(  # RFA-style, its shift target chosen on the validation split
-        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
-        methods=["rfa"], tune=["rfa"]),  # compare with the cpu-fashion rows of the same forget sets
+        CPU_GRID, methods=["rfa"], tune=["rfa"]),  # compare with the cpu-fashion rows of the same forget sets
     # The leading methods: dense, OMP 50%, LoRA, both. AMUN runs at its authors' settings (not tuned): its
     # adversarial search takes about 2 minutes per 1,200 images on 2 cores, a few Retrains' worth per run.
     "cpu-fashion-leading": dict(
-        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
-        methods=["salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher", "sfron", "amun", "delete",
-                 "salun-lora", "scrub-lora", "neggradplus-lora", "badteacher-lora"], omp=[0.5],
+        CPU_GRID, methods=["salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher", "sfron", "amun", "delete",
+                           "salun-lora", "scrub-lora", "neggradplus-lora", "badteacher-lora"], omp=[0.5],
         tune=["salun", "salun-lora", "scrub", "scrub-lora", "ssd", "lf-ssd", "neggradplus", "neggradplus-lora",
               "sfron", "delete"]),
     # Today's code on the leading profile's grid: the newest methods, and each fidelity fix beside the behaviour
@@ -117,9 +118,7 @@ PROFILES = {
     # Bad Teacher again as the bridge. The earlier profiles' rows predate CPU training in channels_last, so their
     # originals (same recipe and seeds) differ from these in the last digits of every weight.
     "cpu-fashion-newest": dict(
-        dataset="fashion-mnist", archs=["resnet_tiny"], pretrain=CPU_CONVERGED,
-        forgets=[["--forget-class", "3"], ["--forget-random", "1200"]], seeds=[0, 1, 2],
-        methods=["ssd", "ssd-mixed", "lf-ssd", "delete", "badteacher", "rl", "rl-mixed", "amun", "sfron"],
+        CPU_GRID, methods=["ssd", "ssd-mixed", "lf-ssd", "delete", "badteacher", "rl", "rl-mixed", "amun", "sfron"],
         omp=[0.5], tune=["ssd", "ssd-mixed", "lf-ssd", "delete", "sfron"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
