@@ -139,8 +139,9 @@ PROFILES = {
 
 
 # The methods the population audits unlearn with (the PruneLoRA four, the Unlearn-Sparse methods, the leading ones),
-# at the settings the random1200 tuning chose on validation (LF-SSD's alpha, SFR-on and AMUN: not tuned yet, their
-# defaults). DELETE is class-wise only; the populations forget random images.
+# at the settings the random1200 tuning chose on validation (LF-SSD's alpha, SFR-on and AMUN: their defaults; the
+# cpu-fashion-newest tuning since chose LF-SSD 10, which leaves the model as 3 does, and SFR-on forget-alpha 12.5).
+# DELETE is class-wise only; the populations forget random images.
 AUDITED_METHODS = ["finetune", "pruneft", "lora", "loraprune", "ft-sparse", "ga", "rl", "ff", "iu", "l1sparse",
                    "salun", "scrub", "ssd", "lf-ssd", "neggradplus", "badteacher", "sfron", "amun"]
 AUDITED_METHOD_FLAGS = {"ga": ["--lr", "5e-4"], "salun": ["--lr", "0.005"], "scrub": ["--lr", "0.005"],
