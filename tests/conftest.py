@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -61,6 +62,13 @@ def run_script(script: str, *args, check: bool = True, process: bool = False) ->
         pytest.fail(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
                     f"{proc.stderr[-3000:]}{tails}")
     return proc
+
+
+def as_foreground_job() -> None:
+    """preexec_fn of a process a test interrupts with SIGINT: SIGINT's default action, as a terminal's foreground
+    job has it. A test run started in the background by a non-interactive shell (`pytest &` in a script) ignores
+    SIGINT, and its children inherit that: they would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _in_a_process(argv: list[str]) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, as_foreground_job, run_script
 
 
 SMOKE = ["--profile", "smoke", "--mia-draws", "2", "--threads-per-run", "1"]  # one thread: as each local worker
@@ -346,7 +346,7 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs(data_dir, tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     sweep = subprocess.Popen([sys.executable, "reproduce.py", *map(str, SMOKE), "--out-root", tmp_path, "--data-dir",
                               data_dir, "--executor", "slurm"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job)
     for _ in range(600):  # the runs that need no other run's output are submitted at once
         if calls.exists() and "sbatch" in calls.read_text():
             break

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import common
-from conftest import ROOT
+from conftest import ROOT, as_foreground_job
 
 TINY_PRETRAIN = ["--dataset", "fashion-mnist", "--arch", "resnet_tiny", "--train-subset", "300", "--epochs", "1"]
 
@@ -119,7 +119,7 @@ def test_a_report_being_written_is_refused_to_a_second_evaluate(original, retrai
 @pytest.mark.slow
 def test_a_second_sweep_of_one_profile_refuses_at_once(tmp_path, data_dir):
     args = ["--profile", "smoke", "--out-root", tmp_path / "results", "--data-dir", data_dir]
-    first = _popen("reproduce.py", *args, start_new_session=True)
+    first = _popen("reproduce.py", *args, start_new_session=True, preexec_fn=as_foreground_job)
     try:
         _wait_for_lock(tmp_path / "results" / "smoke" / ".sweep.lock", first.pid)
         message = _one_error_line(_run("reproduce.py", *args))
