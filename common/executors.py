@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -134,14 +136,44 @@ def command_line(run: dict, executor: Executor, *, data_dir: str, device: str) -
 WARM_IMPORTS = ("common",)
 
 
+def _warm_context():
+    """multiprocessing's forkserver context, its server preloading WARM_IMPORTS."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WARM_IMPORTS))
+    return context
+
+
+def start_warm_interpreter() -> None:
+    """Start the warm interpreter and wait until its imports are done (from the main thread, before the first run).
+    It imports ignoring SIGINT, so a Ctrl-C in those seconds interrupts only this wait, which the sweep reports in
+    its one line, instead of also printing the server's KeyboardInterrupt traceback; the runs, forked afterwards,
+    take this process's SIGINT action back (_script_in_fork) and stop at a Ctrl-C as before."""
+    context = _warm_context()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: a process started ignoring SIGINT ignores it
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ready = context.Process(target=_ready)  # start() returns once the server has forked it: after its imports
+    ready.start()
+    ready.join()
+
+
+def _ready() -> None:
+    """The warm interpreter's first fork, which does nothing (start_warm_interpreter)."""
+
+
 def forks_warm(device: str) -> bool:
     """Whether the sweep's runs on this device start as forks of the warm interpreter (CPU runs only)."""
     return device == "cpu" or not torch.cuda.is_available()
 
 
-def _script_in_fork(script: str, args: list[str], env: dict, log: str) -> None:
+def _script_in_fork(script: str, args: list[str], env: dict, log: str, interruptible: bool) -> None:
     """What `python script args` does in a fresh interpreter with env and output to log, in a fork of the warm
-    one: environment, output, threads (torch read OMP_NUM_THREADS when the server started), argv, path."""
+    one: environment, output, threads (torch read OMP_NUM_THREADS when the server started), argv, path, and
+    Ctrl-C's KeyboardInterrupt where the sweep has it (interruptible)."""
+    if interruptible:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -163,9 +195,8 @@ def _run_process(argv: list[str], env: dict, log: Path, *, warm: bool = False) -
     ...`), its output in log; a failure raises its last line of stderr."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if warm and argv[0] == sys.executable and argv[1].endswith(".py"):
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(list(WARM_IMPORTS))
-        fork = context.Process(target=_script_in_fork, args=(argv[1], argv[2:], env, str(log)))
+        interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        fork = _warm_context().Process(target=_script_in_fork, args=(argv[1], argv[2:], env, str(log), interruptible))
         fork.start()
         fork.join()
         returncode = fork.exitcode

@@ -14,7 +14,7 @@ from .errors import UserError
 from .outputs import finished, sidecar_path
 from .checkpoints import read_sidecar
 from .executors import (Executor, _run_process, _script_error, _slot_envs, _submitit_executor, compile_cache_env,
-                        forks_warm, job_gpus, script_argv)
+                        forks_warm, job_gpus, script_argv, start_warm_interpreter)
 
 
 def stale_reason(run: dict) -> str | None:
@@ -123,6 +123,8 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
         report(run, f"done in {time.perf_counter() - began:.0f}s{reason}")
 
     try:
+        if in_process_tree and warm and pending:
+            start_warm_interpreter()
         while pending or running:
             for run, reason in list(pending):
                 if any(p in failed for p in needs[run["out"]]):

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,6 +361,37 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs(data_dir, tmp_path):
     assert stderr.startswith(f"error: interrupted: {len(submitted)} run(s) stopped, {len(submitted)} submitted job(s) "
                              "cancelled")
     assert len(submitted) >= 2 and sorted(cancelled) == sorted(submitted)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_warm_interpreter_imports_ends_in_the_sweeps_one_line(data_dir, tmp_path):
+    """Ctrl-C in the seconds the warm interpreter (executors.WARM_IMPORTS) spends importing, before any run: the
+    sweep's one-line error alone (the server imports ignoring SIGINT, else its own traceback follows), no output."""
+    sweep = subprocess.Popen([sys.executable, "reproduce.py", *map(str, SMOKE), "--out-root", tmp_path, "--data-dir",
+                              data_dir], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_foreground_job)
+    deadline = time.monotonic() + 120
+    while not _forkserver_in_group(sweep.pid):
+        assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
+        time.sleep(0.02)
+    os.killpg(sweep.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 2 and stderr == ("error: interrupted: 0 run(s) stopped; finished runs are kept, the same "
+                                                "command again resumes\n")
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def _forkserver_in_group(group: int) -> bool:
+    """Whether a multiprocessing fork server runs in this process group (from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp, ...
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == group and b"multiprocessing.forkserver" in cmdline:
+            return True
+    return False
 
 
 # Real interpreters (seconds each to import torch): the slow tier.
