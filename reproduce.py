@@ -192,6 +192,39 @@ def evaluation_rows(groups: list[dict], evaluations: list[dict]) -> list[dict]:
     return rows
 
 
+SELECTION_KEYS = ("arch", "forget", "method", "setting", "val_avg_gap", "val_UA", "val_TA", "chosen")
+
+
+def read_selection(path: Path) -> list[dict]:
+    """An earlier tuning's candidates (selection.json; none if absent), checked."""
+    if not path.exists():
+        return []
+    try:
+        table = json.loads(path.read_text())
+        if not all(isinstance(row, dict) and set(row) == set(SELECTION_KEYS) for row in table):
+            raise ValueError("not a list of candidate rows")
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise common.UserError(f"{path} is malformed ({str(err)[:80]}): not this version's output") from None
+    return table
+
+
+def merge_selection(previous: list[dict], table: list[dict]) -> list[dict]:
+    """A rerun's candidates replace the earlier ones of the same (arch, forget, method), in place; the other
+    methods' stay, as their rows stay in results.csv (merge_rows)."""
+    def key(row):
+        return row["arch"], row["forget"], row["method"]
+    fresh, merged, placed = {}, [], set()
+    for row in table:
+        fresh.setdefault(key(row), []).append(row)
+    for row in previous:
+        if key(row) not in fresh:
+            merged.append(row)
+        elif key(row) not in placed:
+            merged += fresh[key(row)]
+            placed.add(key(row))
+    return merged + [row for row in table if key(row) not in placed]
+
+
 def selection_report(table: list[dict]) -> str:
     """Markdown: every candidate's validation figures and which one the grid uses."""
     lines = ["Settings chosen on the VALIDATION split (evaluate.py --split val): per method and forget kind, the "
@@ -392,6 +425,7 @@ def main_grid(args, executor: common.Executor) -> None:
         # An earlier results.csv is merged into, so it is checked before any work.
         merge = (out_dir / "results.csv").exists() and not args.overwrite
         previous = common.read_rows(out_dir / "results.csv") if merge else []
+        previous_selection = read_selection(out_dir / "selection.json") if merge else []
         chosen = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         if tune_groups:
@@ -403,7 +437,9 @@ def main_grid(args, executor: common.Executor) -> None:
             evaluations = [evaluation_run(g, out_dir, split="val", mia_draws=mia_draws) for g in tune_groups]
             run_all(evaluations)
             chosen, table = select_settings(evaluation_rows(tune_groups, evaluations), tune_groups)
+            table = merge_selection(previous_selection, table)
             report = selection_report(table)
+            common.atomic_write(out_dir / "selection.json", lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
             common.atomic_write(out_dir / "selection.md", lambda tmp: tmp.write_text(report))
             print(report)
         runs, groups = plan(profile, methods, seeds, root / "ckpt", chosen)

@@ -23,6 +23,7 @@ METRICS = ["UA", "RA", "TA", "FTA", "mia_efficacy", "mia_efficacy_std", "mia_los
 
 
 CSV_FIELDS = ["profile", "arch", "forget", "seed", "label", "method", "path", "reference", *METRICS]
+COUNTS = ("trainable_params",)  # read back as integers: a narrower rerun rewrites the rows it keeps as they were
 
 
 def write_rows(path: Path, rows: list[dict], profile: str) -> None:
@@ -49,6 +50,7 @@ def read_rows(path: Path) -> list[dict]:
                 raise UserError(f"{path} line {line} has a missing or extra cell: truncated or edited")
             row["seed"] = int(row["seed"])
             row.update({k: float(row[k]) if row[k] else None for k in METRICS})
+            row.update({k: int(row[k]) for k in COUNTS if row[k] is not None})
     except (ValueError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path} is malformed ({str(err)[:80]})") from None
     if not rows:

@@ -63,7 +63,8 @@ def test_smoke_profile_end_to_end_and_resume(data_dir, smoke_sweep):
     assert narrower.stdout.count("done in") == 3  # finetune, and the two groups without loraprune: other files
     merged = list(csv.DictReader(open(out / "results.csv")))
     assert [r["label"] for r in merged] == [r["label"] for r in rows]  # loraprune's rows kept, in place
-    assert [(r["UA"], r["RA"], r["TA"]) for r in merged] == [(r["UA"], r["RA"], r["TA"]) for r in rows]  # same run
+    assert [(r["UA"], r["RA"], r["TA"], r["trainable_params"]) for r in merged] == [  # loraprune's, as written
+        (r["UA"], r["RA"], r["TA"], r["trainable_params"]) for r in rows]
 
     # The leftovers of a run killed between its weights and its sidecar are redone, not a blocker.
     (ckpt / "class3_loraprune_s0.json").unlink()
@@ -270,6 +271,27 @@ def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(
     assert all(r["cmd"][r["cmd"].index("--lr") + 1] == "5e-4" for r in ga_runs)
 
 
+def test_a_narrower_tuning_replaces_only_its_methods_candidates_in_the_selection(tmp_path):
+    import reproduce
+
+    def candidates(method, forget, gaps):
+        return [dict(arch="resnet_tiny", forget=forget, method=method, setting=f"--x {i}", val_avg_gap=gap,
+                     val_UA=0.0, val_TA=0.0, chosen=gap == min(gaps)) for i, gap in enumerate(gaps)]
+    earlier = [*candidates("ssd", "class3", [2, 1]), *candidates("sfron", "class3", [4, 5]),
+               *candidates("ssd", "random1200", [3, 1]), *candidates("sfron", "random1200", [6, 7])]
+    rerun = [*candidates("sfron", "class3", [4, 5, 1]), *candidates("sfron", "random1200", [6, 7, 2])]
+    merged = reproduce.merge_selection(earlier, rerun)
+    assert merged == [*earlier[:2], *rerun[:3], *earlier[4:6], *rerun[3:]]  # in place; ssd's kept
+    assert reproduce.merge_selection([], rerun) == rerun and reproduce.merge_selection(earlier, []) == earlier
+
+    path = tmp_path / "selection.json"
+    assert reproduce.read_selection(path) == []  # no earlier tuning
+    for bad in ('{"a": 1}', "[1, 2]", '[{"arch": "resnet_tiny"}]', "not json"):
+        path.write_text(bad)
+        with pytest.raises(common.UserError, match="selection.json is malformed"):
+            reproduce.read_selection(path)
+
+
 def test_every_profile_names_only_known_methods_and_tunes_only_its_own():
     assert set(common.TUNING) <= set(common.METHODS)
     for name, profile in common.PROFILES.items():
@@ -376,8 +398,8 @@ def test_ctrl_c_while_the_warm_interpreter_imports_ends_in_the_sweeps_one_line(d
         time.sleep(0.02)
     os.killpg(sweep.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
     _, stderr = sweep.communicate(timeout=120)
-    assert sweep.returncode == 2 and stderr == ("error: interrupted: 0 run(s) stopped; finished runs are kept, the same "
-                                                "command again resumes\n")
+    assert sweep.returncode == 2 and stderr == ("error: interrupted: 0 run(s) stopped; finished runs are kept, the "
+                                                "same command again resumes\n")
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
