@@ -13,7 +13,9 @@ write its inputs have finished. Checkpoints go to <out-root>/ckpt/ (shared by th
 or Retrain is trained once); a run whose checkpoint exists is skipped, so an interrupted sweep resumes, with any
 executor (Ctrl-C cancels the SLURM jobs it has submitted). Each group's evaluate.py JSON goes to
 <profile>/evaluations/, each run's log to <profile>/logs/. Writes <out-root>/<profile>/results.csv (one row per
-model and run), table.md (mean +/- std per forget kind and method, Retrain first, directions stated) and PNG plots.
+model and run), table.md (mean +/- std per forget kind and method, Retrain first, directions stated), PNG plots,
+and where it tunes, selection.md and .json (every candidate's validation figures, the chosen one marked). A rerun
+with --methods replaces those methods' rows in results.csv and the selection, and keeps the others'.
 """
 import argparse
 import collections

@@ -70,13 +70,18 @@ TUNING = {
     "neggradplus": [["--beta", "0.9999"], ["--beta", "0.999"], ["--beta", "0.99"], ["--beta", "0.95"]],
     "neggradplus-lora": [["--beta", "0.9999"], ["--beta", "0.999"], ["--beta", "0.99"], ["--beta", "0.95"]],
     # DELETE: the authors' lr is for CIFAR-10 ResNet-18 (SGD, 20 epochs); at 1e-4 a resnet_tiny keeps 22% of Df.
-    "delete": [[], ["--lr", "5e-4"], ["--lr", "1e-3"]],
+    "delete": [[], ["--lr", "5e-4"], ["--lr", "1e-3"], ["--lr", "1e-3", "--no-augment"]],
     # SFR-on: the authors' alpha is for CIFAR-10 ResNet-18; half and twice it. Their 1,500 iterations of 128 Dr
     # images are 4.3 passes over CIFAR-10's Dr but 16 over the CPU grid's 12,000 images: 400 keeps their passes.
     # Their lr and augmentation too (the CPU originals train without augmentation), each alone and with alpha 12.5.
     "sfron": [[], ["--forget-alpha", "12.5"], ["--forget-alpha", "50"], ["--iterations", "400"], ["--lr", "0.001"],
               ["--no-augment"], ["--forget-alpha", "12.5", "--iterations", "400"],
               ["--forget-alpha", "12.5", "--lr", "0.001"], ["--forget-alpha", "12.5", "--no-augment"]],
+    # Methods whose authors' loaders augment (DELETE above too), on originals that trained without augmentation: as
+    # the authors run them, and without it, which moved SFR-on most (RESULTS.md).
+    "rl": [[], ["--no-augment"]],
+    "rl-mixed": [[], ["--no-augment"]],
+    "amun": [[], ["--no-augment"]],
 }
 
 
@@ -123,7 +128,7 @@ PROFILES = {
     # originals (same recipe and seeds) differ from these in the last digits of every weight.
     "cpu-fashion-newest": dict(
         CPU_GRID, methods=["ssd", "ssd-mixed", "lf-ssd", "delete", "badteacher", "rl", "rl-mixed", "amun", "sfron"],
-        omp=[0.5], tune=["ssd", "ssd-mixed", "lf-ssd", "delete", "sfron"]),
+        omp=[0.5], tune=["ssd", "ssd-mixed", "lf-ssd", "delete", "sfron", "rl", "rl-mixed", "amun"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "pruneft", "lora", "loraprune"],
