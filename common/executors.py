@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import re
 import runpy
@@ -145,15 +146,17 @@ def _warm_context():
 
 def start_warm_interpreter() -> None:
     """Start the warm interpreter and wait until its imports are done (from the main thread, before the first run).
-    It imports ignoring SIGINT, so a Ctrl-C in those seconds interrupts only this wait, which the sweep reports in
-    its one line, instead of also printing the server's KeyboardInterrupt traceback; the runs, forked afterwards,
-    take this process's SIGINT action back (_script_in_fork) and stop at a Ctrl-C as before."""
+    It starts with SIGINT blocked and keeps it so, so a Ctrl-C in those seconds interrupts only this wait, which the
+    sweep reports in its one line, instead of also printing the server's KeyboardInterrupt traceback. A blocked
+    signal is only deferred: one that arrives while this process blocks it is raised here once unblocked. The
+    runs, forked afterwards, unblock it (_script_in_fork) and stop at a Ctrl-C as before."""
     context = _warm_context()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: a process started ignoring SIGINT ignores it
+    multiprocessing.resource_tracker.ensure_running()  # first: the server starts it otherwise, and that unblocks SIGINT
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a new process inherits the mask
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     ready = context.Process(target=_ready)  # start() returns once the server has forked it: after its imports
     ready.start()
     ready.join()
@@ -168,12 +171,11 @@ def forks_warm(device: str) -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
-def _script_in_fork(script: str, args: list[str], env: dict, log: str, interruptible: bool) -> None:
+def _script_in_fork(script: str, args: list[str], env: dict, log: str) -> None:
     """What `python script args` does in a fresh interpreter with env and output to log, in a fork of the warm
     one: environment, output, threads (torch read OMP_NUM_THREADS when the server started), argv, path, and
-    Ctrl-C's KeyboardInterrupt where the sweep has it (interruptible)."""
-    if interruptible:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    SIGINT unblocked (start_warm_interpreter; the server gives a fork the sweep's action for it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -195,8 +197,7 @@ def _run_process(argv: list[str], env: dict, log: Path, *, warm: bool = False) -
     ...`), its output in log; a failure raises its last line of stderr."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if warm and argv[0] == sys.executable and argv[1].endswith(".py"):
-        interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-        fork = _warm_context().Process(target=_script_in_fork, args=(argv[1], argv[2:], env, str(log), interruptible))
+        fork = _warm_context().Process(target=_script_in_fork, args=(argv[1], argv[2:], env, str(log)))
         fork.start()
         fork.join()
         returncode = fork.exitcode

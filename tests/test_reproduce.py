@@ -388,7 +388,7 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs(data_dir, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_while_the_warm_interpreter_imports_ends_in_the_sweeps_one_line(data_dir, tmp_path):
     """Ctrl-C in the seconds the warm interpreter (executors.WARM_IMPORTS) spends importing, before any run: the
-    sweep's one-line error alone (the server imports ignoring SIGINT, else its own traceback follows), no output."""
+    sweep's one-line error alone (the server imports with SIGINT blocked, else its own traceback follows), no output."""
     sweep = subprocess.Popen([sys.executable, "reproduce.py", *map(str, SMOKE), "--out-root", tmp_path, "--data-dir",
                               data_dir], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_foreground_job)
