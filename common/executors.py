@@ -146,8 +146,8 @@ def _warm_context():
 
 def start_warm_interpreter() -> None:
     """Start the warm interpreter and wait until its imports are done (from the main thread, before the first run).
-    It starts with SIGINT blocked and keeps it so, so a Ctrl-C in those seconds interrupts only this wait, which the
-    sweep reports in its one line, instead of also printing the server's KeyboardInterrupt traceback. A blocked
+    It starts with SIGINT blocked and keeps it blocked: a Ctrl-C in those seconds interrupts only this wait, which
+    the sweep reports in its one line, instead of also printing the server's KeyboardInterrupt traceback. A blocked
     signal is only deferred: one that arrives while this process blocks it is raised here once unblocked. The
     runs, forked afterwards, unblock it (_script_in_fork) and stop at a Ctrl-C as before."""
     context = _warm_context()
