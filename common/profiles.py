@@ -48,15 +48,18 @@ CLASS_WISE_ONLY = ("delete",)
 # (class-wise, random-sample), scores them with evaluate.py --split val, and uses the one with the smallest
 # validation Avg Gap to Retrain in the whole grid of that kind (ties: the earlier candidate).
 TUNING = {
-    "ga": [["--lr", "1e-4"], ["--lr", "5e-4"]],  # the Unlearn-Sparse README's; the maintainers' later advice
+    # GA: the Unlearn-Sparse README's lr and the maintainers' later advice, each also without augmentation ("rl")
+    "ga": [["--lr", "1e-4"], ["--lr", "5e-4"], ["--lr", "1e-4", "--no-augment"], ["--lr", "5e-4", "--no-augment"]],
+    "ft-sparse": [[], ["--no-augment"]],
     "ff": [["--alpha", "1e-6"], ["--alpha", "1e-7"], ["--alpha", "1e-8"]],  # Golatkar et al.'s range
     "iu": [["--alpha", "1"], ["--alpha", "2"], ["--damping", "1"], ["--damping", "0.1"]],  # Newton step, twice it;
     # the Fisher damping 3x either side of iu.py's 0.3
-    "l1sparse": [["--alpha", "5e-5"], ["--alpha", "1e-4"]],  # the useful range for small nets (l1sparse.py)
+    "l1sparse": [["--alpha", "5e-5"], ["--alpha", "1e-4"], ["--alpha", "5e-5", "--no-augment"],
+                 ["--alpha", "1e-4", "--no-augment"]],  # the useful range for small nets (l1sparse.py)
     "rfa": [["--target", "nearest-class-mean"], ["--target", "teacher-ce"]],
     # The leading methods: no upstream recipe for these small settings (SCRUB, NegGrad+, SSD) or an lr tuned for
     # CIFAR-10 ResNet-18 (SalUn); adapters usually want a larger step than full weights.
-    "salun": [[], ["--lr", "0.005"]],
+    "salun": [[], ["--lr", "0.005"], ["--no-augment"], ["--lr", "0.005", "--no-augment"]],
     "salun-lora": [[], ["--lr", "0.05"]],
     "scrub": [[], ["--lr", "0.005"], ["--max-steps", "3", "--epochs", "5", "--gamma", "1", "--alpha", "0.5",
                                       "--temperature", "2"]],  # the large-scale setting, 10x its lr, small-scale
@@ -77,8 +80,10 @@ TUNING = {
     "sfron": [[], ["--forget-alpha", "12.5"], ["--forget-alpha", "50"], ["--iterations", "400"], ["--lr", "0.001"],
               ["--no-augment"], ["--forget-alpha", "12.5", "--iterations", "400"],
               ["--forget-alpha", "12.5", "--lr", "0.001"], ["--forget-alpha", "12.5", "--no-augment"]],
-    # Methods whose authors' loaders augment (DELETE above too), on originals that trained without augmentation: as
-    # the authors run them, and without it, which moved SFR-on most (RESULTS.md).
+    # Methods whose authors' loaders augment (DELETE, FT, GA, l1-sparse, SalUn above too), on originals that trained
+    # without augmentation: as the authors run them, and without it, which moved SFR-on most (RESULTS.md). On a
+    # grid whose originals augment (the CIFAR-10 profiles) the second candidate costs a run and is not expected to
+    # win.
     "rl": [[], ["--no-augment"]],
     "rl-mixed": [[], ["--no-augment"]],
     "amun": [[], ["--no-augment"]],
@@ -124,11 +129,14 @@ PROFILES = {
               "sfron", "delete"]),
     # Today's code on the leading profile's grid: the newest methods, and each fidelity fix beside the behaviour
     # it replaced on the same models (SSD's importance batches; RL's pass order, the cpu-fashion-sparse method),
-    # Bad Teacher again as the bridge. The earlier profiles' rows predate CPU training in channels_last, so their
-    # originals (same recipe and seeds) differ from these in the last digits of every weight.
+    # Bad Teacher again as the bridge; and the other methods whose authors augment (FT, GA, l1-sparse, SalUn), each
+    # also tried without augmentation, as the originals trained. The earlier profiles' rows predate CPU training in
+    # channels_last, so their originals (same recipe and seeds) differ from these in the last digits of every weight.
     "cpu-fashion-newest": dict(
-        CPU_GRID, methods=["ssd", "ssd-mixed", "lf-ssd", "delete", "badteacher", "rl", "rl-mixed", "amun", "sfron"],
-        omp=[0.5], tune=["ssd", "ssd-mixed", "lf-ssd", "delete", "sfron", "rl", "rl-mixed", "amun"]),
+        CPU_GRID, methods=["ssd", "ssd-mixed", "lf-ssd", "delete", "badteacher", "rl", "rl-mixed", "amun", "sfron",
+                           "ft-sparse", "ga", "l1sparse", "salun"],
+        omp=[0.5], tune=["ssd", "ssd-mixed", "lf-ssd", "delete", "sfron", "rl", "rl-mixed", "amun", "ft-sparse", "ga",
+                         "l1sparse", "salun"]),
     "paper-cifar10": dict(  # PruneLoRA paper: CIFAR-10, all 50,000 training images, class 3 (cat); GPU
         dataset="cifar10", archs=["resnet50", "vit_small"], pretrain=["--val-fraction", "0"],
         forgets=[["--forget-class", "3"]], seeds=[0], methods=["finetune", "pruneft", "lora", "loraprune"],

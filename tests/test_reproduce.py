@@ -253,17 +253,16 @@ def test_tuned_settings_are_chosen_by_validation_avg_gap_and_named_in_the_paths(
     profile = dict(common.PROFILES["cpu-fashion-sparse"], forgets=[["--forget-class", "3"]])
     runs, groups = reproduce.plan_tuning(profile, ["ga", "rl"], [0], tmp_path)
     (group,) = groups
-    assert [m for m, _ in group["candidates"].values()] == ["ga"] * 2  # rl is not tuned
+    assert [m for m, _ in group["candidates"].values()] == ["ga"] * len(common.TUNING["ga"])  # rl is not tuned
     assert all(g["floor"] is None for g in groups)
-    gaps = {"ga --lr 1e-4": 1.0, "ga --lr 5e-4": 1.0}  # a tie: the earlier candidate (the default) wins
-    rows = [dict(arch="resnet_tiny", forget="class3", label=label, avg_gap=gap, UA=0.0, TA=0.0)
-            for label, gap in gaps.items()]
+    rows = [dict(arch="resnet_tiny", forget="class3", label=f"ga {' '.join(flags)}", avg_gap=1.0, UA=0.0, TA=0.0)
+            for flags in common.TUNING["ga"]]  # a tie: the earlier candidate (the default) wins
     chosen, table = reproduce.select_settings(rows, groups)
     assert chosen == {("ga", "class"): ["--lr", "1e-4"]}
-    assert [r["chosen"] for r in table] == [True, False]
+    assert [r["chosen"] for r in table] == [True, False, False, False]
     rows[1]["avg_gap"] = 0.5
     chosen, table = reproduce.select_settings(rows, groups)
-    assert chosen == {("ga", "class"): ["--lr", "5e-4"]} and [r["chosen"] for r in table] == [False, True]
+    assert chosen == {("ga", "class"): ["--lr", "5e-4"]} and [r["chosen"] for r in table] == [False, True, False, False]
     grid, _ = reproduce.plan(profile, ["ga"], [0], tmp_path, chosen)
     ga_runs = [r for r in grid if r["cmd"][0] == "ga.py"]
     assert {r["out"].name for r in ga_runs} == {"class3_ga-lr-5e-4_s0.safetensors",
