@@ -117,8 +117,8 @@ from .audits import (  # noqa: F401
 from .shadows import (  # noqa: F401
     SHADOWS, POOL, BOOTSTRAP, DELTA, EPSILON_CAP, THRESHOLDS_PER_UNIT, logit_confidence, shadow_runs,
     lira_scores, RMIA_GAMMA, RMIA_A_GRID, rmia_scores, roc_summary, lira_attack, example_epsilon,
-    challenge_points, shadow_outputs, probability_of_label, lira, lira_markdown, rmia_markdown, write_lira,
-    roc_plot,
+    challenge_points, model_outputs, score_populations, shadow_outputs, probability_of_label, lira, lira_markdown,
+    rmia_markdown, write_lira, roc_plot,
 )
 from .klom import (  # noqa: F401
     KLOM_BINS, KLOM_EPS, KLOM_CLIP, PERCENTILES, KLOM_MODELS, KLOM_SETS, binned_kl, klom, klom_percentiles,

@@ -21,8 +21,6 @@ Where we follow the authors' code, and where not:
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +28,11 @@ import numpy as np
 from .errors import UserError
 from .system import pick_device
 from .data import data_from_spec
-from .models import ARCHS
-from .training import accuracy, predict
 from .outputs import save_png, write_text
-from .checkpoints import load_checkpoint, read_sidecar
+from .checkpoints import read_sidecar
 from .executors import Executor
 from .rungraph import run_graph
-from .shadows import logit_confidence
+from .shadows import model_outputs, score_populations
 
 KLOM_BINS = 20
 KLOM_EPS = 1e-5
@@ -115,17 +111,10 @@ def klom_runs(pretrain: list[str], methods: dict[str, list[str]], *, forget: lis
 def population_margins(paths: list[Path], data, device) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per set of KLOM_SETS, the models' margins [models, images] (fp32 logits); and their mean accuracy per set
     and on the test split."""
-    margins, accuracies = {name: [] for name in KLOM_SETS}, {name: [] for name in (*KLOM_SETS, "test")}
-    for path in paths:
-        model, meta = load_checkpoint(path, device)
-        for name in (*KLOM_SETS, "test"):
-            x, y = data.subset(name)
-            logits = predict(model, x, data.info, ARCHS[meta["arch"]].input_size, fp32=True)
-            accuracies[name].append(accuracy(logits, y))
-            if name != "test":
-                margins[name].append(logit_confidence(logits, y.cpu()))
-    return ({name: np.stack(m) for name, m in margins.items()},
-            {name: float(np.mean(a)) for name, a in accuracies.items()})
+    sets = {name: data.subset(name) for name in (*KLOM_SETS, "test")}
+    outputs = [model_outputs(path, sets, data.info, device) for path in paths]
+    return ({name: np.stack([o[name][0] for o in outputs]) for name in KLOM_SETS},
+            {name: float(np.mean([o[name][1] for o in outputs])) for name in sets})
 
 
 def klom_audit(pretrain: list[str], methods: dict[str, list[str]], *, forget: list[str], models: int = KLOM_MODELS,
@@ -142,12 +131,8 @@ def klom_audit(pretrain: list[str], methods: dict[str, list[str]], *, forget: li
     run_graph(runs, executor or Executor(), data_dir=data_dir, device=device, log_dir=ckpt_dir / "logs")
     device = pick_device(device)
     data = data_from_spec(read_sidecar(paths["retrain"][0])["data"], data_dir, device)
-    populations, names = {}, ("retrain", "original", *methods)
-    for i, name in enumerate(names):  # progress on stderr: minutes on a CPU, a test-split pass per model
-        start = time.perf_counter()
-        populations[name] = population_margins(paths[name], data, device)
-        print(f"[{i + 1}/{len(names)}] {name}: {len(paths[name])} models scored in "
-              f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    populations = score_populations({name: paths[name] for name in ("retrain", "original", *methods)},
+                                    lambda checkpoints: population_margins(checkpoints, data, device))
     margins, accuracies = populations["retrain"]
     reference = {name: m[models:] for name, m in margins.items()}
     populations["retrain"] = ({name: m[:models] for name, m in margins.items()}, accuracies)

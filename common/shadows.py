@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -211,22 +212,37 @@ def challenge_points(epsilons: np.ndarray, n_models: int) -> np.ndarray:
     return np.where(buckets < 2 * max_epsilon, 0.5 ** buckets, 0.0)
 
 
+def model_outputs(path: Path, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], info, device) -> dict:
+    """{set name: (confidence, accuracy)}: one checkpoint's logit-scaled confidence on each image of each named
+    (images, labels) set [n], and its accuracy there, both from float32 logits."""
+    model, meta = load_checkpoint(path, device)
+    input_size = ARCHS[meta["arch"]].input_size
+    outputs = {}
+    for name, (x, y) in sets.items():
+        logits = predict(model, x, info, input_size, fp32=True)
+        outputs[name] = (logit_confidence(logits, y.cpu()), accuracy(logits, y))
+    return outputs
+
+
+def score_populations(populations: dict[str, list[Path]], score: Callable[[list[Path]], object]) -> dict:
+    """{name: score(its checkpoints)}, with a progress line per population on stderr (minutes each on a CPU)."""
+    scores = {}
+    for i, (name, paths) in enumerate(populations.items()):
+        start = time.perf_counter()
+        scores[name] = score(paths)
+        print(f"[{i + 1}/{len(populations)}] {name}: {len(paths)} models scored in {time.perf_counter() - start:.0f}s",
+              file=sys.stderr, flush=True)
+    return scores
+
+
 def shadow_outputs(paths: list[Path], shadow_data: list[Data], pool: tuple, test: tuple,
                    device) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Per shadow model, its logit-scaled confidence on each pool image [N, n] and on each test image [N, m]; and
     (RA, TA) averaged over them: accuracy on each shadow's own retain set and on the test set."""
-    confidence, population, ra, ta = [], [], [], []
-    for path, data in zip(paths, shadow_data):
-        model, meta = load_checkpoint(path, device)
-        input_size = ARCHS[meta["arch"]].input_size
-        confidence.append(logit_confidence(predict(model, pool[0], data.info, input_size, fp32=True),
-                                           pool[1].cpu()))
-        x_retain, y_retain = data.subset("retain")
-        ra.append(accuracy(predict(model, x_retain, data.info, input_size), y_retain))
-        test_logits = predict(model, test[0], data.info, input_size, fp32=True)
-        population.append(logit_confidence(test_logits, test[1].cpu()))
-        ta.append(accuracy(test_logits, test[1]))
-    return np.stack(confidence), np.stack(population), (float(np.mean(ra)), float(np.mean(ta)))
+    outputs = [model_outputs(path, dict(pool=pool, retain=data.subset("retain"), test=test), data.info, device)
+               for path, data in zip(paths, shadow_data)]
+    return (np.stack([o["pool"][0] for o in outputs]), np.stack([o["test"][0] for o in outputs]),
+            (float(np.mean([o["retain"][1] for o in outputs])), float(np.mean([o["test"][1] for o in outputs]))))
 
 
 def probability_of_label(confidence: np.ndarray) -> np.ndarray:
@@ -246,8 +262,7 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     runs, models = shadow_runs(pretrain, methods, shadows=shadows, pool=pool, pool_seed=pool_seed,
                                ckpt_dir=ckpt_dir)
-    run_graph(runs, executor or Executor(), data_dir=data_dir, device=device,
-                        log_dir=ckpt_dir / "logs")
+    run_graph(runs, executor or Executor(), data_dir=data_dir, device=device, log_dir=ckpt_dir / "logs")
     device = pick_device(device)
     # The pool as the un-halved split draws it; a shadow's members are the pool images its own forget set holds.
     spec = dict(read_sidecar(models["retrain"][0])["data"], shadow=None)
@@ -255,13 +270,11 @@ def lira(pretrain: list[str], methods: dict[str, list[str]], *, shadows: int = S
     shadow_data = [data_from_spec(read_sidecar(path)["data"], data_dir, device)
                    for path in models["retrain"]]
     members = np.stack([torch.isin(pool_data.forget, data.forget).cpu().numpy() for data in shadow_data])
-    confidence, population, utility = {}, {}, {}
-    for i, (name, paths) in enumerate(models.items()):  # progress on stderr: a test-split pass per model
-        start = time.perf_counter()
-        confidence[name], population[name], utility[name] = shadow_outputs(
-            paths, shadow_data, pool_data.subset("forget"), pool_data.subset("test"), device)
-        print(f"[{i + 1}/{len(models)}] {name}: {len(paths)} models scored in {time.perf_counter() - start:.0f}s",
-              file=sys.stderr, flush=True)
+    outputs = score_populations(models, lambda paths: shadow_outputs(
+        paths, shadow_data, pool_data.subset("forget"), pool_data.subset("test"), device))
+    confidence = {name: o[0] for name, o in outputs.items()}  # [models, pool images]
+    population = {name: o[1] for name, o in outputs.items()}  # [models, test images]: RMIA's reference z
+    utility = {name: o[2] for name, o in outputs.items()}  # (RA, TA)
     rows, roc, rmia_roc = [], {}, {}
     n_models = shadows // 2
     for name in ("retrain", "original", *methods):
