@@ -110,14 +110,19 @@ def job_gpus(run: dict, executor: Executor) -> int:
     return processes if processes > 1 else executor.gpus
 
 
-def script_argv(run: dict, executor: Executor, *, data_dir: str, device: str) -> list[str]:
-    """The command line of one run as the executor starts it."""
+def script_argv(run: dict, executor: Executor, *, data_dir: str, device: str,
+                log_dir: Path | None = None) -> list[str]:
+    """The command line of one run as the executor starts it; torchrun keeps its per-run folders (its workers'
+    error files) in log_dir/torchrun, where given (else torch makes one in the system's temporary folder and
+    leaves it there)."""
     script, *args = map(str, run["cmd"])
     if not Path(script).exists():
         raise UserError(f"script {script} does not exist in this checkout")
     processes = _processes(run, executor)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(processes)] if processes > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                     *(["--log-dir", str(log_dir / "torchrun")] if log_dir else [])]
     output_flag = "--json" if run["kind"] == "evaluation" else "--out"
     return [*launcher, script, *args, "--data-dir", data_dir, "--device", device, output_flag, str(run["out"]),
             "--overwrite"]

@@ -96,7 +96,7 @@ def run_graph(runs: list[dict], executor: Executor, *, data_dir: str, device: st
     def submit(run: dict, slot: int):
         """Start one run in a free slot: a thread's future, or a submitted job."""
         run["out"].parent.mkdir(parents=True, exist_ok=True)
-        argv = script_argv(run, executor, data_dir=data_dir, device=device)
+        argv = script_argv(run, executor, data_dir=data_dir, device=device, log_dir=log_dir)
         if in_process_tree:
             return pool.submit(_run_process, argv, envs[slot], log_dir / f"{run['out'].name}.log", warm=warm)
         gpus = job_gpus(run, executor)

@@ -36,6 +36,7 @@ def test_torchrun_two_processes_train_what_one_process_trains(data_dir, tmp_path
     run_script("pretrain.py", *VIT, "--data-dir", data_dir, "--out", single)
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "torchrun"),
                            "pretrain.py", *VIT, "--data-dir", str(data_dir), "--out", str(ddp)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -159,6 +159,7 @@ def test_ddp_sweep_trains_from_scratch_under_torchrun_and_resumes(data_dir, tmp_
         assert meta["world_size"] == 2, name
         assert all(epoch["seen_twice_or_more"] == 0 and epoch["seen_once"] > 0 for epoch in meta["history"]), name
     assert "world_size" not in json.loads((ckpt / "class3_finetune_s0.json").read_text())  # one process
+    assert len(list((tmp_path / "smoke" / "logs" / "torchrun").iterdir())) == 6  # not in the system's /tmp
     rows = list(csv.DictReader(open(tmp_path / "smoke" / "results.csv")))
     assert [r["label"] for r in rows][:4] == ["retrain", "retrain-floor", "original", "finetune"]
     again = run_script("reproduce.py", *flags)
@@ -423,7 +424,8 @@ def test_a_failed_torchrun_run_is_reported_by_its_workers_error_not_the_launcher
     script.write_text("import os, sys\n"
                       "if os.environ['RANK'] == '1' and sys.argv[1] == 'crash': raise RuntimeError('rank 1 broke')\n"
                       "if sys.argv[1] == 'user': sys.exit('error: a bad flag')\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--log-dir", str(tmp_path / "torchrun"), str(script)]
     for how, reason in (("crash", "RuntimeError: rank 1 broke"), ("user", "error: a bad flag")):
         log = tmp_path / f"{how}.log"
         with pytest.raises(reproduce.common.UserError) as failure:
