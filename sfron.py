@@ -7,7 +7,9 @@ cross-entropy step on a Dr batch with all weights. As the authors' Classificatio
 CIFAR-10 (its SFRon defaults: 1,500 iterations, forget step every 5, alpha 25, lambda 0.5, mask threshold 1, max
 norm 7, SGD lr 0.01 momentum 0.9 weight decay 5e-4 with a cosine schedule per iteration, batch 128; Fisher = mean
 over shuffled, augmented batches of the squared batch gradient, model in eval mode; the loaders shuffle and
-augment). Their EMA at beta 1 leaves the weights as they are, so it is left out.
+augment). Their EMA at beta 1 leaves the weights as they are, so it is left out. Their classification code runs
+random-sample forgetting only (main_random.py; the datasets' full_class_split is called by no script), so
+--forget-class runs the same recipe on a setting the authors did not tune or report.
 
     python sfron.py --model model_weights/fashion-mnist_resnet_tiny_full_original_s0.safetensors --forget-random 1200
 
