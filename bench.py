@@ -15,7 +15,9 @@
    on a random-initialised original of just enough images for --steps batches per epoch; the figures are read
    from the checkpoint's sidecar. Seconds per step: the second epoch's time over its images, times the batch
    (the first epoch holds the warm-up: allocation, kernel selection); activation memory (bytes autograd keeps for
-   backward in the first step, the sidecar's activation_mb: the same figure on CPU and GPU); peak memory;
+   backward in the first step, the sidecar's activation_mb: the same figure on CPU and GPU); the first step's
+   FLOPs (its step_gflop) and the arithmetic rate they make at the timed step's speed, also as a share of the
+   device's rate on a large matrix product in the same precision (the part's first measurement); peak memory;
    trainable parameters; preparation (pruning, BatchNorm re-estimation, adapters); each figure's ratio to FT at
    the same arch and batch. FT runs again after every method, and a method's step is compared with the mean of
    the FT runs just before and after it (a shared machine's speed drifts over the minutes this part takes). Also
@@ -124,6 +126,25 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
                 ratio=round(raw / loop, 3))
 
 
+def matmul_tflops(device: torch.device) -> float:
+    """The device's rate on a large square matrix product in the steps' precision (bf16 on CUDA, fp32 on the CPU),
+    in TFLOP/s, best of three: what a step's arithmetic could reach at most."""
+    cuda = device.type == "cuda"
+    n, reps = (8192, 20) if cuda else (1024, 4)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, torch.bfloat16 if cuda else torch.float32) for _ in "ab")
+    a @ b  # warm-up: kernel selection
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 * reps / best / 1e12
+
+
 def random_original(arch: str, folder: Path, images: int = 0) -> Path:
     """A randomly initialised `arch` saved as the original of `images` random CIFAR-10-shaped training images (0:
     all 50,000), with no validation split (the PruneLoRA paper's setting): what parts 2 and 3 unlearn from."""
@@ -184,7 +205,7 @@ def method_cost(arch: str, method: str, batch_size: int, device: torch.device, s
     step_s = (second["time_s"] - first["time_s"]) * batch_size / retain_images
     return dict(arch=arch, method=method, batch_size=batch_size, device=str(device),
                 precision=precision(device, compile_mode), timed_steps=math.ceil(retain_images / batch_size),
-                step_s=round(step_s, 4), activation_mb=meta["activation_mb"],
+                step_s=round(step_s, 4), step_gflop=meta["step_gflop"], activation_mb=meta["activation_mb"],
                 epoch_s_extrapolated=round(step_s * DR_IMAGES / batch_size, 1), prep_s=round(meta["prep_time_s"], 2),
                 peak_mem_mb=round(meta["peak_mem_mb"]), trainable_params=meta["trainable_params"],
                 total_params=meta["total_params"],
@@ -223,14 +244,24 @@ def method_costs(archs: list[str], batch_sizes: list[int], variants: list[str | 
     return rows
 
 
-def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's step time as a ratio to the FT steps measured beside it (ft_step_s; FT's own row: 1), and its
-    activation memory to FT's at the same arch, batch and precision."""
+def with_ratios(rows: list[dict], peak_tflops: float) -> list[dict]:
+    """Each row's step time as a ratio to the FT steps measured beside it (ft_step_s; FT's own row: 1), its
+    activation memory to FT's at the same arch, batch and precision, and its arithmetic rate (the step's FLOPs over
+    its time; a compiled run computes the products its eager run counted) as a fraction of peak_tflops."""
     ft = {(r["arch"], r["batch_size"], r["precision"]): r for r in rows if r["method"] == "finetune"}
-    return [dict(r, step_vs_ft=round(r["step_s"] / r.get("ft_step_s", ft[key]["step_s"]), 2),
-                 activation_vs_ft=(round(r["activation_mb"] / ft[key]["activation_mb"], 2)
-                                   if r["activation_mb"] and ft[key]["activation_mb"] else None))
-            if (key := (r["arch"], r["batch_size"], r["precision"])) in ft else r for r in rows]
+    flops = {(r["arch"], r["batch_size"], r["method"]): r["step_gflop"] for r in rows if r["step_gflop"]}
+    out = []
+    for r in rows:
+        r = dict(r, step_gflop=flops.get((r["arch"], r["batch_size"], r["method"])))
+        if r["step_gflop"]:
+            tflops = r["step_gflop"] / r["step_s"] / 1e3
+            r.update(step_tflops=round(tflops, 3), of_peak=round(tflops / peak_tflops, 4))
+        if (key := (r["arch"], r["batch_size"], r["precision"])) in ft:
+            r.update(step_vs_ft=round(r["step_s"] / r.get("ft_step_s", ft[key]["step_s"]), 2),
+                     activation_vs_ft=(round(r["activation_mb"] / ft[key]["activation_mb"], 2)
+                                       if r["activation_mb"] and ft[key]["activation_mb"] else None))
+        out.append(r)
+    return out
 
 
 def end_to_end_loraprune(device: torch.device, folder: Path, arch: str = "resnet50") -> dict:
@@ -314,14 +345,19 @@ def markdown(figures: dict) -> str:
                   "step of the FT runs just before and after the method's (FT runs again after every method, so the "
                   "machine's drift cancels; FT's row: the median of its runs, and in brackets their range as "
                   "ratios to it); activations x FT = ratio to FT at the same arch, batch and precision; prep = "
-                  "pruning and adapters before the first step; epoch time "
+                  "pruning and adapters before the first step; GFLOP/step = the matrix products and convolutions "
+                  "of one step's forward and backward (torch's FlopCounterMode), TFLOP/s = those over s/step, in "
+                  f"brackets as a share of this device's rate on a large matrix product ({figures['matmul_tflops']} "
+                  "TFLOP/s, the steps' precision); epoch time "
                   f"EXTRAPOLATED to {DR_IMAGES:,} images:", "",
-                  "| arch | batch | method | precision | timed steps | s/step | step x FT | activations MB | "
-                  "activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | trainable % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | batch | method | precision | timed steps | s/step | step x FT | GFLOP/step | TFLOP/s | "
+                  "activations MB | activations x FT | prep s | epoch s (extrapolated) | peak MB | trainable | "
+                  "trainable % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {m['arch']} | {m['batch_size']} | {m['method']} | {m['precision']} | {m['timed_steps']} | "
-                  f"{m['step_s']} | {m.get('step_vs_ft', '')}{ft_range(m)} | {m['activation_mb'] or 'n/a'} |"
-                  f" {m.get('activation_vs_ft') or ''} | "
+                  f"{m['step_s']} | {m.get('step_vs_ft', '')}{ft_range(m)} | {m['step_gflop'] or 'n/a'} | "
+                  + (f"{m['step_tflops']} ({m['of_peak']:.1%}) | " if m.get("step_tflops") else "n/a | ")
+                  + f"{m['activation_mb'] or 'n/a'} | {m.get('activation_vs_ft') or ''} | "
                   f"{m['prep_s']} | {m['epoch_s_extrapolated']} | {m['peak_mem_mb']} | {m['trainable_params']:,} | "
                   f"{m['trainable_pct']} |" for m in figures["methods"]]
     if e2e := figures.get("end_to_end_loraprune"):
@@ -399,8 +435,10 @@ def main():
             # On CPU a process per run (its own peak RSS), except in --quick, which checks that it runs (and so
             # runs the CUDA path, main() in this process).
             in_process = device.type == "cuda" or args.quick
+            figures["matmul_tflops"] = round(matmul_tflops(device), 2)
+            print(json.dumps(dict(part="matmul_tflops", value=figures["matmul_tflops"])), flush=True)
             figures["methods"] = with_ratios(method_costs(archs, batch_sizes, variants, device, steps, Path(folder),
-                                                          in_process=in_process))
+                                                          in_process=in_process), figures["matmul_tflops"])
 
         if "end-to-end" in parts and device.type == "cuda" and not args.quick:
             figures["end_to_end_loraprune"] = end_to_end_loraprune(device, Path(folder))

@@ -107,6 +107,7 @@ def _write_checkpoint(model: nn.Module, path: Path, *, arch: str, method: str, d
                 peak_mem_kind=peak_memory_kind(next(model.parameters()).device),
                 activation_mb=(round(result.activation_bytes / 2**20, 1)
                                if result and result.activation_bytes is not None else None),
+                step_gflop=(round(result.step_flops / 1e9, 3) if result and result.step_flops is not None else None),
                 trainable_params=trainable_params, total_params=count_params(model)[1],
                 sparsity=round(sparsity(model, family), 6), pruned_modules=pruned_modules(model),
                 history=result.history if result else [], versions=library_versions(), git_commit=_git_commit(),

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from .errors import UserError
@@ -47,6 +48,7 @@ class TrainResult:
     history: list[dict]
     trainable_params: int  # the parameters the update changed
     activation_bytes: int | None = None  # saved for backward in the first step (train_loop's measure_activations)
+    step_flops: int | None = None  # the first step's forward and backward, by torch's FlopCounterMode (likewise)
 
 
 class Stopwatch:
@@ -65,11 +67,12 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
     def result(self, *, trainable_params: int, history: list[dict] | None = None,
-               activation_bytes: int | None = None) -> TrainResult:
+               activation_bytes: int | None = None, step_flops: int | None = None) -> TrainResult:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return TrainResult(self.elapsed_s(), peak_memory_mb(self.device), history or [],
-                           trainable_params=trainable_params, activation_bytes=activation_bytes)
+                           trainable_params=trainable_params, activation_bytes=activation_bytes,
+                           step_flops=step_flops)
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
@@ -87,13 +90,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
     the end of its epoch.
     compile_mode (COMPILE_MODES) hands loss_fn a torch.compile'd view of the model (same parameters; the first
     steps pay the compilation).
-    measure_activations records the first step's saved_activation_bytes (not with compile_mode; the sidecar's
-    activation_mb; counting them leaves the step's numbers as they are). log=False
+    measure_activations records the first step's saved_activation_bytes and the FLOPs of its forward and backward
+    (matrix products and convolutions, by torch's FlopCounterMode; not with compile_mode; the sidecar's
+    activation_mb and step_gflop; counting leaves the step's numbers as they are). log=False
     keeps the per-epoch JSON lines off the output (for callers whose "epochs" are single steps). bf16=False runs
     CUDA steps in fp32 (bench.py's baseline; CPU steps always are)."""
     clock = Stopwatch(device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    history, activation_bytes = [], None
+    history, activation_bytes, step_flops = [], None, None
     with frozen_batchnorm(model) if freeze_bn else contextlib.nullcontext():
         # Compiled after the BatchNorm swap, so the graph is the one trained; the caller keeps the plain module.
         forward_model = compiled(model, compile_mode) if compile_mode else model
@@ -106,13 +110,18 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
             for batch in bar:
                 if mark_step:  # a new iteration: the previous step's graph outputs may be overwritten
                     torch.compiler.cudagraph_mark_step_begin()
-                with autocast(device, bf16=bf16):
-                    if measure_activations and not compile_mode and activation_bytes is None:
-                        loss, activation_bytes = saved_activation_bytes(forward_model, lambda m: loss_fn(m, batch))
-                    else:
-                        loss = loss_fn(forward_model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                measure = measure_activations and not compile_mode and activation_bytes is None
+                with FlopCounterMode(display=False) if measure else contextlib.nullcontext() as flops:
+                    with autocast(device, bf16=bf16):
+                        if measure:
+                            loss, activation_bytes = saved_activation_bytes(forward_model,
+                                                                            lambda m: loss_fn(m, batch))
+                        else:
+                            loss = loss_fn(forward_model, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                if measure:
+                    step_flops = flops.get_total_flops()
                 if after_backward is not None:
                     after_backward(batch)
                 if grad_clip:
@@ -133,7 +142,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int,
             if log:
                 tqdm.write(json.dumps(record))
     return clock.result(trainable_params=sum(p.numel() for p in params), history=history,
-                        activation_bytes=activation_bytes)
+                        activation_bytes=activation_bytes, step_flops=step_flops)
 
 
 # torch.compile's modes: "reduce-overhead" replays each step's kernels as CUDA graphs (one launch instead of

@@ -332,6 +332,27 @@ def test_train_loop_reads_the_loss_once_per_epoch_and_never_per_step():
     assert len(result.history) == 2 and reads.count == 2
 
 
+def test_train_loop_counts_the_first_steps_flops_and_a_frozen_layer_costs_only_its_forward():
+    """The sidecar's step_gflop: a linear layer of I -> O on B rows costs 2BIO in the forward, and as much again
+    in the backward for the gradient of its weight and for that of its input, each where something needs it: the
+    first layer's input needs none, a frozen layer's weight none, and then nothing below the second layer."""
+    batch, sizes = 8, (6, 5, 3)
+    x, y = torch.randn(4 * batch, sizes[0]), torch.randint(0, sizes[-1], (4 * batch,))
+
+    def first_step_flops(freeze_first: bool) -> int:
+        model = nn.Sequential(nn.Linear(*sizes[:2]), nn.ReLU(), nn.Linear(*sizes[1:]))
+        model[0].requires_grad_(not freeze_first)
+        optimizer = common.make_optimizer("sgd", model.parameters(), 0.01)
+        result = common.train_loop(model, optimizer, 2, lambda epoch: common.batches(x, y, batch),
+                                   lambda m, b: F.cross_entropy(m(b[0]), b[1]), device=torch.device("cpu"),
+                                   log=False)
+        return result.step_flops
+
+    first, second = (2 * batch * i * o for i, o in zip(sizes, sizes[1:]))
+    assert first_step_flops(freeze_first=False) == 2 * first + 3 * second
+    assert first_step_flops(freeze_first=True) == first + 2 * second
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "pruneft", "lora", "loraprune"])
 def test_the_prunelora_scripts_read_no_tensor_value_per_training_step(method, train_loop_reads, original_small,

@@ -200,6 +200,13 @@ def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_t
         assert all(r["activation_mb"] > 0 and r["timed_steps"] >= 2 for r in [ft_row, *rows])
         adapted = {r["method"] for r in rows if r["trainable_pct"] < 50}
         assert adapted == {r["method"] for r in rows if r["method"].startswith("lora")}
+        # FLOPs: masks leave the dense products; a frozen base skips its weight gradients (about a third of the
+        # step), adapters add a little back; removing pruned filters computes less. The rate is below the peak's.
+        gflop = {r["method"]: r["step_gflop"] for r in [ft_row, *rows]}
+        assert gflop["pruneft"] == gflop["finetune"] and gflop["loraprune"] == gflop["lora"]
+        assert 2 / 3 * gflop["finetune"] < gflop["lora"] < gflop["finetune"]
+        assert gflop["pruneft-shrink"] < gflop["pruneft"] and gflop["loraprune-shrink"] < gflop["loraprune"]
+        assert all(0 < r["of_peak"] < 1 for r in [ft_row, *rows])
 
 
 def test_bench_compares_adapter_dropout_only_where_loras_default_has_it():
