@@ -48,7 +48,8 @@ class TrainResult:
     history: list[dict]
     trainable_params: int  # the parameters the update changed
     activation_bytes: int | None = None  # saved for backward in the first step (train_loop's measure_activations)
-    step_flops: int | None = None  # the first step's forward and backward, by torch's FlopCounterMode (likewise)
+    step_flops: int | None = None  # the first step's forward and backward, by torch's FlopCounterMode (likewise;
+    # under torchrun, one process's share of the global batch)
 
 
 class Stopwatch:
