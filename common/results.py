@@ -199,7 +199,8 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     # One colour per method, one marker per starting model (dense circle, pruned square), so that a grid of a
     # dozen methods x {dense, OMP} stays readable.
     bases = list(dict.fromkeys(r["label"].split("@")[0] for r in rows))
-    colours = dict(zip(bases, [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]))
+    colours = dict(zip(bases, [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20").colors[1::2],  # then the
+                               *plt.get_cmap("Dark2").colors]))  # light twins of tab10's: told apart from them
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds) + 2, 5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         group = [r for r in rows if r["forget"].startswith(kind)]
@@ -211,9 +212,10 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
                         color=colours[label.split("@")[0]], markersize=14 if label == "retrain" else 7, capsize=3,
                         label=label)
         ax.set(xlabel="RA = Acc(Dr) % (higher = better)", ylabel="UA = 100 - Acc(Df) % (higher = more forgotten)",
-               title=f"{KIND_NAMES[kind]} forgetting (mean ± std; Retrain = star"
-                     + (", from the OMP model = square)" if any("@" in r["label"] for r in rows) else ")"))
+               title=f"{KIND_NAMES[kind]} forgetting")
         ax.grid(alpha=0.3)
+    fig.suptitle("mean ± std over seeds; Retrain = star"
+                 + (", from the OMP model = square" if any("@" in r["label"] for r in rows) else ""))
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: points stay visible
     fig.tight_layout()
     written.append(out_dir / "ua_vs_ra.png")
