@@ -1,6 +1,6 @@
 """Speed and cost benchmark (not a test): prints figures for whatever device it runs on.
 
-    python bench.py                      # parts 1-3: 30 min on 2 free CPU cores, 4 on an H200
+    python bench.py                      # parts 1-3 and 5: 30 min on 2 free CPU cores, 4 on an H200
     python bench.py --json bench.json --md bench.md
     python bench.py --parts whole-runs --archs resnet50 --data-dir data   # part 4 alone
     python bench.py --quick --archs resnet_tiny,vit_tiny   # tiny step counts and models: checks that it runs
@@ -37,6 +37,11 @@
    i.e. pruning, BatchNorm re-estimation and adapters, included) and the whole process's. FT runs before and
    after every method, and each method is compared with the mean of those two, so that a drift of the machine's
    speed while the part runs moves both sides of the ratio.
+5. CUDA only (else skipped with a printed reason; --quick: 500 images, to check that it runs): the Unlearn-Sparse
+   Retrain, pretrain.py's class-wise --retrain of resnet18 at its recipe (batch 256; 45,000 random CIFAR-10-shaped
+   training images, 10% of them the forgotten class), two epochs, the second timed (its validation pass
+   included), EXTRAPOLATED to the recipe's 182 epochs; with --compile also in that mode. Part 1 also runs with
+   --compile: the loop against the raw step, both compiled.
 
 Prints one JSON line per measurement, then a markdown summary; --json/--md write the figures to files.
 """
@@ -58,6 +63,7 @@ import common
 import finetune
 import lora
 import loraprune
+import pretrain
 import pruneft
 
 BATCH_SIZE = 128  # the PruneLoRA paper's (its four scripts' default)
@@ -67,8 +73,9 @@ FORGET_CLASS = 3  # the PruneLoRA paper's class (cat)
 ARCHS = "resnet50,vit_small"  # the PruneLoRA paper's architectures
 DATASET = "random-cifar10"  # parts 2 and 3: random images of CIFAR-10's shape (a step's cost ignores the pixels)
 LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --quick)
-PARTS = ("loop", "cost", "end-to-end", "whole-runs")
-DEFAULT_PARTS = "loop,cost,end-to-end"  # whole-runs (part 4) on request: it trains real models, minutes each
+PARTS = ("loop", "cost", "end-to-end", "whole-runs", "retrain")
+DEFAULT_PARTS = "loop,cost,end-to-end,retrain"  # whole-runs (part 4) on request: it trains real models, minutes each
+RETRAIN_FLAGS = ("--arch", "resnet18", "--retrain", "--forget-class", "0")  # unlearn-sparse-cifar10's class-wise
 WHOLE_RUN_METHODS = "lora,loraprune,loraprune-shrink"  # part 4's methods, each between two FT runs
 WHOLE_RUN_ORIGINAL = ("--dataset", "fashion-mnist", "--train-subset", "2400", "--epochs", "1")
 WHOLE_RUN_FLAGS = ("--forget-class", "3", "--batch-size", "32", "--epochs", "1")  # one pass over Dr: 68 steps
@@ -88,8 +95,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loop_overhead(device: torch.device, steps: int) -> dict:
-    """Ratio of train_loop's throughput to the raw step's, for resnet_tiny on 28 px batches of 128."""
+def loop_overhead(device: torch.device, steps: int, compile_mode: str | None = None) -> dict:
+    """Ratio of train_loop's throughput to the raw step's, for resnet_tiny on 28 px batches of 128; with
+    compile_mode, both through torch.compile in that mode."""
     info = common.DATASETS["fashion-mnist"]
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (steps * BATCH_SIZE, info.channels, info.size, info.size), dtype=torch.uint8,
@@ -99,12 +107,16 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
     model = common.prepare_model(common.build_model("resnet_tiny", info), device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     normalised = [(common.normalize(xb, info), yb) for xb, yb in common.batches(x, y, BATCH_SIZE)]
+    forward = common.compiled(model, compile_mode) if compile_mode else model
+    mark_step = compile_mode == "reduce-overhead" and device.type == "cuda"  # as train_loop does
 
     def raw_pass():
         model.train()
         for xb, yb in normalised:
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
             with common.autocast(device):
-                loss = F.cross_entropy(model(xb), yb)
+                loss = F.cross_entropy(forward(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -112,7 +124,7 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
 
     def loop_pass():
         common.train_loop(model, optimizer, 1, lambda epoch: common.batches(x, y, BATCH_SIZE),
-                          common.ce_loss(info, None, False), device=device, desc="bench")
+                          common.ce_loss(info, None, False), device=device, desc="bench", compile_mode=compile_mode)
 
     raw_pass(), loop_pass()  # warm-up
     timings = {"raw": [], "loop": []}
@@ -122,8 +134,8 @@ def loop_overhead(device: torch.device, steps: int) -> dict:
             fn()
             timings[name].append(time.perf_counter() - start)
     raw, loop = min(timings["raw"]), min(timings["loop"])
-    return dict(steps=steps, raw_img_s=round(steps * BATCH_SIZE / raw), loop_img_s=round(steps * BATCH_SIZE / loop),
-                ratio=round(raw / loop, 3))
+    return dict(steps=steps, precision=precision(device, compile_mode), raw_img_s=round(steps * BATCH_SIZE / raw),
+                loop_img_s=round(steps * BATCH_SIZE / loop), ratio=round(raw / loop, 3))
 
 
 def matmul_tflops(device: torch.device) -> float:
@@ -280,6 +292,24 @@ def end_to_end_loraprune(device: torch.device, folder: Path, arch: str = "resnet
                 peak_mem_mb=round(meta["peak_mem_mb"]), note="random 32 px images; excludes the imports")
 
 
+def retrain_time(device: torch.device, folder: Path, compile_mode: str | None = None, *, quick: bool) -> dict:
+    """Part 5: pretrain.py's Unlearn-Sparse Retrain (resnet18, its recipe) for two epochs in this process, the
+    second timed; the whole run's time extrapolated to the recipe's epochs."""
+    out = folder / f"retrain_{compile_mode or 'eager'}.safetensors"
+    quick_flags = ["--train-subset", 500, "--val-fraction", 0.01] if quick else []
+    run_main(pretrain, "--dataset", DATASET, *RETRAIN_FLAGS, "--epochs", 2, *quick_flags,
+             *(["--compile", compile_mode] if compile_mode else []), "--data-dir", folder, "--device", device,
+             "--out", out)
+    meta = common.read_sidecar(out)
+    first, second = meta["history"]
+    epoch_s, epochs = second["time_s"] - first["time_s"], pretrain.RECIPES["resnet18"]["epochs"]
+    return dict(arch="resnet18", device=str(device), precision=precision(device, compile_mode),
+                retain_images=meta["data"]["train_subset"] - meta["data"]["forget_count"],
+                batch_size=meta["config"]["batch_size"], first_epoch_s=round(first["time_s"], 1),
+                epoch_s=round(epoch_s, 2), epochs=epochs, retrain_min_extrapolated=round(epoch_s * epochs / 60, 1),
+                step_gflop=meta["step_gflop"])
+
+
 def script_flags(method: str) -> list[str]:
     """The flags that make a method's script run the variant this benchmark names."""
     return list(METHODS[method][1])
@@ -334,10 +364,10 @@ def ft_range(row: dict) -> str:
 
 def markdown(figures: dict) -> str:
     lines = [f"## bench.py on {figures['device']}"]
-    if lo := figures.get("loop_overhead"):
-        lines += ["", f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3): raw "
-                  f"step {lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, ratio {lo['ratio']} "
-                  "(goal >= 0.9)."]
+    for lo in figures.get("loop_overhead", []):
+        lines += ["", f"Loop overhead (resnet_tiny, 28 px, batch {BATCH_SIZE}, {lo['steps']} steps, best of 3, "
+                  f"{lo['precision']}): raw step {lo['raw_img_s']} img/s, common.train_loop {lo['loop_img_s']} img/s, "
+                  f"ratio {lo['ratio']}."]
     if "methods" in figures:
         lines += ["", "Per-method cost, 32 px, each method's script run on random images. s/step = the second "
                   "epoch's time per full batch (timed steps: its batches); activations = bytes autograd keeps "
@@ -366,6 +396,13 @@ def markdown(figures: dict) -> str:
                   f"{e2e['precision']}, peak {e2e['peak_mem_mb']} MB; {e2e['note']}."]
     elif "end_to_end_skipped" in figures:
         lines += ["", f"End-to-end PruneLoRA class unlearning: {figures['end_to_end_skipped']}"]
+    for r in figures.get("retrain", []):
+        lines += ["", f"Unlearn-Sparse Retrain ({r['arch']}, batch {r['batch_size']}, {r['precision']}): "
+                  f"{r['epoch_s']} s per epoch over {r['retain_images']:,} images (first epoch {r['first_epoch_s']} s), "
+                  f"{r['retrain_min_extrapolated']} min for its {r['epochs']} epochs, EXTRAPOLATED; "
+                  f"{r['step_gflop']} GFLOP per step."]
+    if "retrain_skipped" in figures:
+        lines += ["", f"Unlearn-Sparse Retrain: {figures['retrain_skipped']}"]
     if runs := figures.get("whole_runs"):
         lines += ["", "Whole runs as a user runs them, one after the other in the order listed: `python pretrain.py "
                   f"--arch ARCH {' '.join(WHOLE_RUN_ORIGINAL)}`, then `python SCRIPT.py --model ORIGINAL "
@@ -425,13 +462,14 @@ def main():
 
     figures = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu, {torch.get_num_threads()} threads")
+    variants = [None] + ([args.compile] if args.compile else [])
     if "loop" in parts:
-        figures["loop_overhead"] = loop_overhead(device, 10 if args.quick else LOOP_STEPS)
-        print(json.dumps(dict(part="loop_overhead", **figures["loop_overhead"])), flush=True)
+        figures["loop_overhead"] = [loop_overhead(device, 10 if args.quick else LOOP_STEPS, mode) for mode in variants]
+        for row in figures["loop_overhead"]:
+            print(json.dumps(dict(part="loop_overhead", **row)), flush=True)
 
     with tempfile.TemporaryDirectory() as folder:  # the random originals and the runs' checkpoints
         if "cost" in parts:
-            variants = [None] + ([args.compile] if args.compile else [])
             # On CPU a process per run (its own peak RSS), except in --quick, which checks that it runs (and so
             # runs the CUDA path, main() in this process).
             in_process = device.type == "cuda" or args.quick
@@ -448,6 +486,16 @@ def main():
                                              "needs CUDA (5 ResNet-50 epochs over 45,000 images take hours on CPU)"))
             print(f"end-to-end PruneLoRA: {figures['end_to_end_skipped']}")
 
+        if "retrain" in parts and (device.type == "cuda" or args.quick):
+            figures["retrain"] = [retrain_time(device, Path(folder), mode, quick=args.quick) for mode in variants]
+            for row in figures["retrain"][1:]:  # a compiled run computes the products its eager run counted
+                row["step_gflop"] = figures["retrain"][0]["step_gflop"]
+            for row in figures["retrain"]:
+                print(json.dumps(dict(part="retrain", **row)), flush=True)
+        elif "retrain" in parts:
+            figures["retrain_skipped"] = "skipped: needs CUDA (182 ResNet-18 epochs over 40,500 images)"
+            print(f"Unlearn-Sparse Retrain: {figures['retrain_skipped']}")
+
     if "whole-runs" in parts:
         figures["whole_runs"] = [row for arch in archs
                                  for row in whole_runs(arch, whole_run_methods, device, args.data_dir)]
@@ -459,7 +507,7 @@ def main():
             common.write_text(Path(path), text)
             print(f"wrote {path}")
     loop = figures.get("loop_overhead")
-    print(f"bench on {figures['device']}: " + (f"loop/raw ratio {loop['ratio']}" if loop else f"parts {args.parts}"))
+    print(f"bench on {figures['device']}: " + (f"loop/raw ratio {loop[0]['ratio']}" if loop else f"parts {args.parts}"))
 
 
 if __name__ == "__main__":
