@@ -76,6 +76,7 @@ LOOP_STEPS = 60  # steps per pass of the loop-overhead measurement (10 with --qu
 PARTS = ("loop", "cost", "end-to-end", "whole-runs", "retrain")
 DEFAULT_PARTS = "loop,cost,end-to-end,retrain"  # whole-runs (part 4) on request: it trains real models, minutes each
 RETRAIN_FLAGS = ("--arch", "resnet18", "--retrain", "--forget-class", "0")  # unlearn-sparse-cifar10's class-wise
+RETRAIN_EPOCHS = 182  # the resnet18 recipe's (Unlearn-Sparse), which part 5 extrapolates its two epochs to
 WHOLE_RUN_METHODS = "lora,loraprune,loraprune-shrink"  # part 4's methods, each between two FT runs
 WHOLE_RUN_ORIGINAL = ("--dataset", "fashion-mnist", "--train-subset", "2400", "--epochs", "1")
 WHOLE_RUN_FLAGS = ("--forget-class", "3", "--batch-size", "32", "--epochs", "1")  # one pass over Dr: 68 steps
@@ -302,7 +303,7 @@ def retrain_time(device: torch.device, folder: Path, compile_mode: str | None = 
              "--out", out)
     meta = common.read_sidecar(out)
     first, second = meta["history"]
-    epoch_s, epochs = second["time_s"] - first["time_s"], pretrain.RECIPES["resnet18"]["epochs"]
+    epoch_s, epochs = second["time_s"] - first["time_s"], RETRAIN_EPOCHS
     return dict(arch="resnet18", device=str(device), precision=precision(device, compile_mode),
                 retain_images=meta["data"]["train_subset"] - meta["data"]["forget_count"],
                 batch_size=meta["config"]["batch_size"], first_epoch_s=round(first["time_s"], 1),
