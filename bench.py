@@ -399,7 +399,8 @@ def markdown(figures: dict) -> str:
         lines += ["", f"End-to-end PruneLoRA class unlearning: {figures['end_to_end_skipped']}"]
     for r in figures.get("retrain", []):
         lines += ["", f"Unlearn-Sparse Retrain ({r['arch']}, batch {r['batch_size']}, {r['precision']}): "
-                  f"{r['epoch_s']} s per epoch over {r['retain_images']:,} images (first epoch {r['first_epoch_s']} s), "
+                  f"{r['epoch_s']} s per epoch over {r['retain_images']:,} images "
+                  f"(first epoch {r['first_epoch_s']} s), "
                   f"{r['retrain_min_extrapolated']} min for its {r['epochs']} epochs, EXTRAPOLATED; "
                   f"{r['step_gflop']} GFLOP per step."]
     if "retrain_skipped" in figures:
