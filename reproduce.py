@@ -396,8 +396,8 @@ def main_grid(args, executor: common.Executor) -> None:
     root = Path(args.out_root)
     tune_runs, tune_groups = plan_tuning(profile, methods, seeds, root / "ckpt")
     print(f"{args.profile}: {methods} x {[forget_tag(f) for f in profile['forgets']]} x seeds {seeds}"
-          + (f"; tuning {[m for m in profile['tune'] if m in methods]} on the validation split first"
-             if tune_groups else ""))
+          + (f"; tuning {list(dict.fromkeys(m for g in tune_groups for m, _ in g['candidates'].values()))} on the "
+             "validation split first" if tune_groups else ""))
     out_dir = root / args.profile
     mia_draws = args.mia_draws or common.MIA_DRAWS
     if args.dry_run:

@@ -188,7 +188,7 @@ def test_bench_quick_mode_prints_the_loop_ratio_and_times_every_method_between_t
     assert retrain["epochs"] == pretrain.RECIPES["resnet18"]["epochs"] == 182  # the recipe's, not the two run
     assert retrain["epoch_s"] > 0 and abs(retrain["retrain_min_extrapolated"] - retrain["epoch_s"] * 182 / 60) < 0.06
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"part": "method_cost"')]
-    table = json.loads((tmp_path / "bench.json").read_text())["methods"]
+    table = figures["methods"]
     for arch, n_methods in (("resnet_tiny", 6), ("vit_tiny", 5)):  # the methods, and FT between and around them
         order = [r["method"] for r in runs if r["arch"] == arch]
         assert order[::2] == ["finetune"] * (n_methods + 1) and "finetune" not in order[1::2]
